@@ -1,0 +1,162 @@
+"""One pydantic model per stage; the flow parameter composes them.
+
+The same models validate the CLI's YAML, the Prefect UI form and Python calls,
+and reject unknown keys so a misspelt setting is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.gate import GateConfig, GateRule
+
+
+def default_data_dir() -> str:
+    return os.environ.get("STILLHOUSE_DATA_DIR", str(Path.cwd() / "stillhouse-data"))
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StageConfig):
+    """Where prompts (and optional reference responses) come from."""
+
+    source: str = Field(
+        "demo",
+        description="'demo' for the built-in task, a local folder with train/validation/test .jsonl or .parquet files, "
+        "or a Hugging Face dataset id (needs a reachable hub).",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the instruction text.")
+    reference_field: str | None = Field("references", description="Column with acceptable answers (a string or list of strings); None if absent.")
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training prompts (None: all).")
+    max_eval_examples: int | None = Field(None, ge=1, description="Cap on held-out prompts (None: all).")
+    prompt_template: str = Field("{prompt}\nAnswer:", description="Applied when use_chat_template is false; must contain {prompt}.")
+    use_chat_template: bool = Field(False, description="Format prompts with the tokenizer's chat template (instruct models).")
+    demo_seed: int = Field(0, description="Seed of the generated demo task.")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("prompt_template must contain the placeholder {prompt}")
+        return value
+
+
+class EngineConfig(StageConfig):
+    """vLLM engine settings shared by the teacher and evaluation stages."""
+
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU (bfloat16 crashes vLLM's CPU attention here).")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="On CPU: fraction of RAM vLLM reserves.")
+    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation: faster start for small models.")
+    trust_remote_code: bool = Field(False, description="Only turn on for model repositories you trust.")
+    seed: int = 0
+
+
+class TeacherConfig(StageConfig):
+    """Teacher stage: vLLM generates responses and records top-k log-probabilities."""
+
+    model: str = Field("demo", description="'demo', a local HF model folder, or a Hugging Face model id.")
+    revision: str | None = Field(None, description="Model revision for hub ids.")
+    top_k: int = Field(20, ge=1, le=1024, description="Log-probabilities stored per response token.")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of teacher responses.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    shard_rows: int = Field(2048, ge=1, description="Sequences per Parquet shard (the unit of resume).")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class TrainConfig(StageConfig):
+    """Training stage: Ray Train workers fit the student to the stored soft labels."""
+
+    student: str = Field("demo", description="'demo', a local HF model folder, or a Hugging Face model id (initial weights).")
+    objective: str = Field("fkl+ce", description="Objective name or mixture, e.g. 'fkl', 'akl', '0.5*akl+0.5*ce', 'ce' (no KD).")
+    support: Literal["renormalize", "tail_bucket"] = "tail_bucket"
+    temperature: float = Field(1.0, gt=0)
+    objective_params: dict[str, float] = Field(default_factory=dict, description="beta / alpha / mu for the objective.")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all workers.")
+    learning_rate: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    seed: int = 0
+    ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")
+
+
+class EvalConfig(StageConfig):
+    """Evaluation stage: held-out generation and distribution metrics."""
+
+    max_new_tokens: int = Field(32, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def default_gate() -> GateConfig:
+    return GateConfig(
+        rules=[
+            GateRule(metric="exact_match", kind="absolute", threshold=0.2),
+            GateRule(metric="exact_match", kind="relative_to_champion", margin=0.0),
+        ]
+    )
+
+
+class PromotionConfig(StageConfig):
+    """Gate rules and the registry the student is promoted in."""
+
+    gate: GateConfig = Field(default_factory=default_gate)
+    registry_dir: str | None = Field(None, description="Registry folder; default <data_dir>/registry.")
+
+
+class PipelineConfig(StageConfig):
+    """Everything one distillation run needs; the Prefect UI renders this as its form."""
+
+    run_name: str | None = Field(None, description="Run folder name; default: a timestamp.")
+    data_dir: str = Field(default_factory=default_data_dir, description="Where data, runs and the registry live.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        from tasks.evaluate.metrics import METRIC_NAMES
+
+        self.promotion.gate.validate_metrics(set(METRIC_NAMES))
+        if self.train.num_workers > self.train.batch_size:
+            raise ValueError("train.num_workers must not exceed train.batch_size")
+        return self
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> PipelineConfig:
+    """Read a YAML config (or none) and apply dotted overrides such as {'train.steps': 10}."""
+    import yaml
+
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return PipelineConfig.model_validate(raw)

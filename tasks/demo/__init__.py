@@ -1,0 +1,1 @@
+"""The embedded demo: a generated instruction task and tiny models made from it."""

@@ -1,0 +1,63 @@
+"""Supervised fine-tuning of the demo teacher on the demo task (plain PyTorch, one process)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tasks.demo.task import Example
+from tasks.prompting import format_prompt
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, ex: Example) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(format_prompt(ex.prompt), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(" " + ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+def train_sft(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log_fn=print,
+) -> None:
+    """Cross-entropy on response tokens only, AdamW with warmup and cosine decay."""
+    rng = random.Random(seed)
+    encoded = [_encode(tokenizer, ex) for ex in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, steps) / steps)).item()),
+    )
+    pad = tokenizer.pad_token_id
+    model.train()
+    start = time.time()
+    for step in range(steps):
+        batch = rng.sample(encoded, batch_size)
+        length = max(len(p) + len(r) for p, r in batch)
+        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)
+        attention = torch.zeros((batch_size, length), dtype=torch.long)
+        for i, (p, r) in enumerate(batch):
+            seq = p + r
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(r)
+            attention[i, : len(seq)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log_fn(f"demo teacher: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+    model.eval()

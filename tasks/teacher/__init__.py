@@ -1,0 +1,1 @@
+"""Teacher stage: vLLM generates or scores responses and records top-k log-probabilities."""
