@@ -60,3 +60,17 @@ def load_causal_lm(model_dir: str, trust_remote_code: bool = False, dtype=None):
     return AutoModelForCausalLM.from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
     )
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir) -> None:
+    """Save weights as safetensors plus the tokenizer under a temporary name, then rename."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp-save")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM
 
 from storage.atomic import read_json, sha256_json, write_json
 from tasks.demo import models, task
+from tasks.models import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def demo_paths(data_dir: Path) -> dict[str, Path]:
     }
 
 
-def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 1200, log_fn=log.info) -> dict[str, str]:
+def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 600, log_fn=log.info) -> dict[str, str]:
     """Return paths of the demo assets, building whatever is missing or stale."""
     paths = demo_paths(data_dir)
     recipe = {"version": RECIPE_VERSION, "seed": seed, "teacher_steps": teacher_steps, "teacher": TEACHER_SHAPE, "student": STUDENT_SHAPE}
@@ -51,14 +52,14 @@ def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 1200,
 
     torch.manual_seed(seed)
     student = LlamaForCausalLM(models.llama_config(tokenizer, **STUDENT_SHAPE))
-    models.save_model(student, tokenizer, paths["student"])
+    save_pretrained_atomic(student, tokenizer, paths["student"])
 
     torch.manual_seed(seed + 1)
     teacher = LlamaForCausalLM(models.llama_config(tokenizer, **TEACHER_SHAPE))
     from tasks.demo.train_teacher import train_sft
 
     train_sft(teacher, tokenizer, splits["train"], steps=teacher_steps, seed=seed, log_fn=log_fn)
-    models.save_model(teacher, tokenizer, paths["teacher"])
+    save_pretrained_atomic(teacher, tokenizer, paths["teacher"])
     write_json(paths["stamp"], {"key": key, "recipe": recipe, "build_seconds": round(time.time() - start, 1)})
     log_fn(f"demo: assets built in {time.time() - start:.0f}s under {paths['root']}")
     return {name: str(p) for name, p in paths.items()}

@@ -52,19 +52,3 @@ def llama_config(tokenizer: PreTrainedTokenizerFast, *, hidden: int, layers: int
         tie_word_embeddings=True,
         torch_dtype="float32",
     )
-
-
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    """Save weights as safetensors plus the tokenizer, under a temporary name, then rename."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)

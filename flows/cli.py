@@ -1,0 +1,97 @@
+"""`stillhouse` command line: run the flow, run the demo, inspect the registry, check a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def configure_runtime(data_dir: str) -> None:
+    """Environment for an offline, local run; values the user already set win."""
+    data = Path(data_dir).resolve()
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(data / "prefect-results"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "RAY_ACCEPT_AUTH_TOKEN_WARNING": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _load(args) -> "PipelineConfig":  # noqa: F821
+    from pydantic import ValidationError
+
+    from tasks.config import load_config
+
+    try:
+        return load_config(args.config, _parse_overrides(args.set))
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"invalid configuration:\n{exc}") from None
+
+
+def cmd_run(args) -> int:
+    config = _load(args)
+    configure_runtime(config.data_dir)
+    from flows.distill import distill
+
+    run_json = distill(config)
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:
+        pass
+    sys.stderr.flush()
+    print(run_json, flush=True)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    config = _load(args)
+    print(json.dumps(config.model_dump(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "registry":
+        from storage.registry import registry_main
+
+        return registry_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="stillhouse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run the distillation flow"), ("demo", "run the flow on the built-in demo task"),
+                            ("validate", "check a configuration and print it with defaults")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML file matching PipelineConfig")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
+    sub.add_parser("registry", help="list/show/promote/rollback registry versions (see 'stillhouse registry --help')")
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        return cmd_validate(args)
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

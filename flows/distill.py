@@ -1,0 +1,138 @@
+"""The distillation DAG: prepare → teacher labels → train student → evaluate → gate and promote.
+
+Each task returns a small manifest of paths and numbers; data stays on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage.atomic import sha256_json, write_json
+from tasks.config import PipelineConfig
+
+
+def _log():
+    return get_run_logger().info
+
+
+@task(name="prepare-data")
+def prepare_data(config: PipelineConfig, run_dir: str) -> dict[str, Any]:
+    from tasks.data import prepare
+    from tasks.models import resolve_model_dir
+
+    demo = {}
+    source = config.data.source
+    if source == "demo" or "demo" in (config.teacher.model, config.train.student):
+        from tasks.demo.assets import ensure_demo_assets
+
+        demo = ensure_demo_assets(Path(config.data_dir), seed=config.data.demo_seed, log_fn=_log())
+        if source == "demo":
+            source = demo["dataset"]
+    teacher_dir = resolve_model_dir(config.teacher.model, demo.get("teacher"), config.teacher.revision, "teacher.model")
+    student_dir = resolve_model_dir(config.train.student, demo.get("student"), None, "train.student")
+    return prepare(config.data, source, teacher_dir, student_dir, Path(run_dir) / "prompts", config.teacher.max_new_tokens)
+
+
+@task(name="teacher-labels")
+def teacher_labels(config: PipelineConfig, prepared: dict[str, Any], run_dir: str) -> dict[str, str]:
+    from tasks.teacher.stage import run_teacher_stage
+
+    return run_teacher_stage(config.teacher, prepared["teacher_dir"], prepared, Path(run_dir) / "labels",
+                             ray_address=config.train.ray_address, log_fn=_log())
+
+
+@task(name="train-student")
+def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], run_dir: str) -> dict[str, Any]:
+    from tasks.train.stage import run_train_stage
+
+    return run_train_stage(config.train, prepared["student_dir"], labels["train"], Path(run_dir) / "train", log_fn=_log())
+
+
+@task(name="evaluate")
+def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], trained: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    from tasks.evaluate.stage import run_eval_stage
+
+    result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], prepared["splits"][prepared["eval_split"]]["path"],
+                            Path(run_dir) / "eval", ray_address=config.train.ray_address, log_fn=_log())
+    rows = []
+    for who in ("student", "teacher"):
+        for metric, stat in result["metrics"][who].items():
+            rows.append({"model": who, "metric": metric, "value": round(stat["value"], 4),
+                         "ci_low": round(stat["ci_low"], 4), "ci_high": round(stat["ci_high"], 4), "n": stat["n"]})
+    create_table_artifact(key="eval-metrics", table=rows, description="Held-out metrics with 95% bootstrap intervals")
+    return result
+
+
+@task(name="gate-and-promote")
+def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], trained: dict[str, Any],
+                     evaluated: dict[str, Any]) -> dict[str, Any]:
+    from storage import soft_labels
+    from tasks.promote import run_promotion_stage
+
+    registry_dir = config.promotion.registry_dir or str(Path(config.data_dir) / "registry")
+    label_meta = soft_labels.load_manifest(labels["train"])["metadata"]
+    lineage = {
+        "teacher": {"model": config.teacher.model, "hash": label_meta["teacher_hash"], "dir": prepared["teacher_dir"]},
+        "soft_labels_manifest": labels["train"],
+        "soft_labels_manifest_sha256": sha256_json(soft_labels.load_manifest(labels["train"])["shards"]),
+        "eval_set_sha256": prepared["splits"][prepared["eval_split"]]["sha256"],
+        "train_config": config.train.model_dump(),
+        "code_version": _code_version(),
+    }
+    decision = run_promotion_stage(config.promotion, registry_dir, trained["checkpoint"], evaluated["metrics"], lineage, log_fn=_log())
+    table = "\n".join(f"| {r['name']} | {r['value']} | {r['threshold']} | {'pass' if r['passed'] else 'FAIL'} | {r['reason']} |" for r in decision["rules"])
+    create_markdown_artifact(
+        key="promotion-decision",
+        markdown=f"## {'Promoted' if decision['promoted'] else 'Not promoted'}: {decision['version']}\n\n{decision['summary']}\n\n"
+        f"| rule | value | threshold | result | reason |\n|---|---|---|---|---|\n{table}\n",
+    )
+    return decision
+
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        from importlib.metadata import version
+
+        return version("stillhouse")
+
+
+@flow(name="distill", log_prints=True)
+def distill(config: PipelineConfig = PipelineConfig()) -> str:
+    """Distil a student from a teacher and decide whether to promote it; returns the run.json path."""
+    started = time.time()
+    run_name = config.run_name or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(config.data_dir).resolve() / "runs" / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.model_dump())
+
+    prepared = prepare_data(config, str(run_dir))
+    labels = teacher_labels(config, prepared, str(run_dir))
+    trained = train_student(config, prepared, labels, str(run_dir))
+    evaluated = evaluate(config, prepared, labels, trained, str(run_dir))
+    decision = gate_and_promote(config, prepared, labels, trained, evaluated)
+
+    run = {
+        "run_name": run_name,
+        "run_dir": str(run_dir),
+        "soft_labels_manifest": labels["train"],
+        "heldout_labels_manifest": labels["eval"],
+        "student_checkpoint": trained["checkpoint"],
+        "train_log": trained["log"],
+        "metrics_file": evaluated["metrics_file"],
+        "metrics": {who: {m: s["value"] for m, s in evaluated["metrics"][who].items()} for who in ("student", "teacher")},
+        "decision": decision,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    path = write_json(run_dir / "run.json", run)
+    get_run_logger().info(f"run written to {path}")
+    return str(path)

@@ -1,0 +1,1 @@
+"""Evaluation stage: held-out generation and distribution metrics with bootstrap intervals."""

@@ -1,0 +1,58 @@
+"""Training stage entry point: run the per-worker loop on Ray Train's TorchTrainer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tasks.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print) -> dict[str, Any]:
+    """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tasks.objectives import build_objective
+    from tasks.ray_runtime import cluster_cpus, ensure_ray
+
+    # Fail on a bad objective before any worker starts.
+    build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
+    ensure_ray(cfg.ray_address)
+    cpus = cluster_cpus()
+    if not cfg.use_gpu and cfg.num_workers > cpus:
+        raise TrainingError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+    cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
+    loop_config = {
+        **cfg.model_dump(include={"objective", "support", "temperature", "objective_params", "steps", "batch_size",
+                                   "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed"}),
+        "student_dir": student_dir,
+        "manifest": labels_manifest,
+        "out_dir": str(out_dir),
+        "threads_per_worker": cpus_per_worker,
+        "log_every": max(1, cfg.steps // 20),
+    }
+    from tasks.train.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve())),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise TrainingError(f"training failed: {result.error}")
+    checkpoint = out_dir / "student"
+    if not (checkpoint / "config.json").exists():
+        raise TrainingError(f"training finished without a checkpoint at {checkpoint}")
+    return {"checkpoint": str(checkpoint), "log": str(out_dir / "train_log.jsonl")}

@@ -1,0 +1,245 @@
+"""Model registry: versioning, aliases, rollback, atomicity and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from storage.registry import ModelRegistry, RegistryError, registry_main
+
+
+def make_model(folder: Path, tag: str) -> Path:
+    """A stand-in HF model folder; `tag` makes its bytes unique so copies can be traced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "toy", "tag": tag}))
+    (folder / "model.safetensors").write_bytes(tag.encode() * 64)
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def register(reg: ModelRegistry, tmp_path: Path, tag: str, **metrics: float):
+    return reg.register(make_model(tmp_path / f"src-{tag}", tag), lineage={"teacher": "t", "tag": tag}, metrics=metrics, decision={"promoted": True})
+
+
+def test_register_copies_files_and_entry(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    src = make_model(tmp_path / "model", "a")
+    entry = reg.register(src, lineage={"teacher": "tiny", "manifest_sha256": "abc"}, metrics={"exact_match": 0.5}, decision={"promoted": True})
+
+    assert entry.version == "v0001"
+    dest = Path(entry.path)
+    assert dest == tmp_path / "reg" / "versions" / "v0001" and dest.is_absolute()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (dest / name).read_bytes() == (src / name).read_bytes()
+    on_disk = json.loads((dest / "entry.json").read_text())
+    assert on_disk["lineage"]["manifest_sha256"] == "abc" and on_disk["metrics"] == {"exact_match": 0.5}
+    assert reg.get("v0001") == entry
+    assert src.exists(), "register copies, it must not move the source"
+
+
+def test_versions_increase_and_unknown_version_raises(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    made = [register(reg, tmp_path, t).version for t in "abc"]
+    assert made == ["v0001", "v0002", "v0003"]
+    assert [e.version for e in reg.versions()] == made
+    with pytest.raises(RegistryError, match="v0009"):
+        reg.get("v0009")
+    with pytest.raises(RegistryError, match="not a version name"):
+        reg.get("../etc")
+
+
+def test_register_rejects_missing_folder(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="nope"):
+        reg.register(tmp_path / "nope", lineage={}, metrics={}, decision={})
+    assert reg.versions() == []
+
+
+def test_alias_moves_and_is_audited(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    register(reg, tmp_path, "a")
+    register(reg, tmp_path, "b")
+    assert reg.alias("challenger") is None
+    reg.set_alias("challenger", "v0001", reason="first")
+    reg.set_alias("challenger", "v0002", reason="second")
+    assert reg.aliases() == {"challenger": "v0002"}
+    assert reg.alias("challenger").version == "v0002"
+    moves = [(h["alias"], h["from"], h["to"], h["reason"]) for h in reg.history()]
+    assert moves == [("challenger", None, "v0001", "first"), ("challenger", "v0001", "v0002", "second")]
+    with pytest.raises(RegistryError, match="v0007"):
+        reg.set_alias("challenger", "v0007")
+
+
+def test_promote_then_rollback_restores_previous_champion(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    for tag in "abc":
+        register(reg, tmp_path, tag)
+    reg.promote("v0001", reason="first")
+    reg.promote("v0002")
+    reg.promote("v0002")  # re-promoting the champion is a no-op, not a rollback target
+    reg.promote("v0003")
+    assert reg.alias("champion").version == "v0003"
+
+    assert reg.rollback(reason="bad canary").version == "v0002"
+    assert reg.alias("champion").version == "v0002"
+    assert reg.rollback().version == "v0001"  # repeated rollbacks walk further back
+    with pytest.raises(RegistryError, match="no previous champion"):
+        reg.rollback()
+    assert reg.alias("champion").version == "v0001"
+
+    actions = [(h["action"], h["from"], h["to"]) for h in reg.history()]
+    assert actions == [
+        ("promote", None, "v0001"), ("promote", "v0001", "v0002"), ("promote", "v0002", "v0003"),
+        ("rollback", "v0003", "v0002"), ("rollback", "v0002", "v0001"),
+    ]
+    assert reg.history()[3]["reason"] == "bad canary"
+
+
+def test_rollback_without_previous_champion_raises(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="no previous champion"):
+        reg.rollback()
+    register(reg, tmp_path, "a")
+    reg.promote("v0001")
+    with pytest.raises(RegistryError, match="no previous champion"):
+        reg.rollback()
+
+
+def test_unwritable_root_raises_at_construction(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a regular file, so nothing can be created below it")
+    with pytest.raises(RegistryError, match="file.txt"):
+        ModelRegistry(blocker / "registry")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_root_raises_at_construction(tmp_path):
+    root = tmp_path / "reg"
+    (root / "versions").mkdir(parents=True)
+    root.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        with pytest.raises(RegistryError, match="not writable"):
+            ModelRegistry(root)
+    finally:
+        root.chmod(stat.S_IRWXU)
+
+
+def test_root_that_refuses_writes_raises_at_construction(tmp_path, monkeypatch):
+    # Stands in for a read-only mount, which even root cannot write to.
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    root = tmp_path / "reg"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(RegistryError, match="not writable.*Read-only"):
+        ModelRegistry(root)
+
+
+def test_leftover_tmp_folders_are_ignored(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    register(reg, tmp_path, "a")
+    # What a writer killed mid-copy leaves behind, with and without an entry.json.
+    crashed = reg.versions_dir / "v0002.tmp-deadbeef"
+    make_model(crashed, "crashed")
+    (crashed / "entry.json").write_text("{}")
+    make_model(reg.versions_dir / "incoming.tmp-0123abcd", "half")
+    assert [e.version for e in reg.versions()] == ["v0001"]
+    assert register(reg, tmp_path, "b").version == "v0002"
+    assert [e.version for e in reg.versions()] == ["v0001", "v0002"]
+    assert json.loads((Path(reg.get("v0002").path) / "config.json").read_text())["tag"] == "b"
+
+
+def _race_worker(root: str, index: int, barrier) -> None:
+    import time
+
+    import storage.registry as registry_module
+
+    # Widen the critical sections (number chosen -> folder renamed; aliases read -> written)
+    # so that, without the lock, the workers would reliably interleave and collide.
+    real_write_json = registry_module.write_json
+
+    def slow_write_json(path, payload):
+        time.sleep(0.3 if Path(path).name == "aliases.json" else 0.1)
+        return real_write_json(path, payload)
+
+    registry_module.write_json = slow_write_json
+    reg = ModelRegistry(root)
+    src = make_model(Path(root).parent / f"src-{index}", f"worker{index}")
+    barrier.wait()
+    entry = reg.register(src, lineage={"worker": index}, metrics={"exact_match": index / 10}, decision={})
+    reg.promote(entry.version, reason=f"worker {index}")
+
+
+def test_concurrent_processes_never_collide(tmp_path):
+    n = 4
+    root = tmp_path / "reg"
+    ModelRegistry(root)
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n, timeout=60)
+    procs = [ctx.Process(target=_race_worker, args=(str(root), i, barrier)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+
+    reg = ModelRegistry(root)
+    entries = reg.versions()
+    assert [e.version for e in entries] == [f"v{i:04d}" for i in range(1, n + 1)]
+    assert sorted(e.lineage["worker"] for e in entries) == list(range(n)), "each worker's model landed in its own version"
+    for e in entries:
+        assert f"worker{e.lineage['worker']}".encode() in (Path(e.path) / "model.safetensors").read_bytes()
+    aliases = json.loads((root / "aliases.json").read_text())
+    assert aliases["champion"] in {e.version for e in entries}
+    lines = (root / "history.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    promotes = [r for r in records if r["action"] == "promote"]
+    assert len(promotes) == n and sorted(r["to"] for r in promotes) == [e.version for e in entries]
+    # Serialised moves: each promotion starts from the previous one's target.
+    assert [r["from"] for r in promotes] == [None] + [r["to"] for r in promotes[:-1]]
+    assert promotes[-1]["to"] == aliases["champion"]
+    assert not list(reg.versions_dir.glob("*.tmp-*"))
+
+
+def test_cli_list_show_promote_rollback(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "reg"
+    reg = ModelRegistry(root)
+    register(reg, tmp_path, "a", exact_match=0.25)
+    register(reg, tmp_path, "b", exact_match=0.5)
+    reg.register(make_model(tmp_path / "src-c", "c"), lineage={}, metrics={"student": {"exact_match": {"value": 0.75, "ci_low": 0.7, "ci_high": 0.8, "n": 9}}}, decision={})
+    reg.promote("v0001")
+
+    assert registry_main(["list", "--json", "--registry", str(root)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [v["version"] for v in listed["versions"]] == ["v0001", "v0002", "v0003"]
+    assert listed["aliases"] == {"champion": "v0001"}
+    assert listed["versions"][1]["metrics"] == {"exact_match": 0.5}
+
+    monkeypatch.setenv("STILLHOUSE_REGISTRY", str(root))
+    assert registry_main(["list"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["VERSION", "CREATED"]
+    assert "champion" in table[1] and "exact_match=0.25" in table[1]
+    assert table[0].index("ALIASES") == table[1].index("champion"), "columns are aligned"
+    assert "exact_match=0.75" in table[3], "nested {'student': ...} metrics are shown too"
+
+    assert registry_main(["promote", "v0002", "--reason", "canary ok"]) == 0
+    assert "v0001 -> v0002" in capsys.readouterr().out
+    assert registry_main(["show", "champion", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "v0002"
+    assert registry_main(["rollback"]) == 0
+    assert reg.alias("champion").version == "v0001"
+    assert registry_main(["show", "v0042"]) == 1
+    assert "v0042" in capsys.readouterr().err
+    assert registry_main(["list", "--registry", str(tmp_path / "missing")]) == 1
+    assert not (tmp_path / "missing").exists(), "read commands must not create a registry at a mistyped path"
+    assert registry_main(["frobnicate"]) == 2
