@@ -4,9 +4,10 @@
     python bench/loss.py --quick    # fewer configs/objectives and repeats (< 3 min on 2 cores)
 
 What is measured (CPU):
-  * time: wall-clock of ``loss = f(logits, ...); loss.backward()`` (median over repeats,
-    after one untimed warm-up step), with ``logits.grad`` freed between steps so each step
-    pays for allocating its gradient, exactly like the cross-entropy baseline.
+  * time: wall-clock of ``loss = f(logits, ...); loss.backward()``, median over repeats
+    run round-robin across CE and the objectives (after one untimed warm-up step each),
+    with ``logits.grad`` freed between steps so every step pays for allocating its
+    gradient, exactly like the cross-entropy baseline.
   * peak memory: the process's peak resident set (VmHWM) during the warm-up step minus the
     resident set just before it; VmHWM is reset first through /proc/self/clear_refs.  So it
     is the step's own transient + retained memory (the [tokens, V] gradient included), on
@@ -78,7 +79,8 @@ def make_inputs(tokens: int, vocab: int, ks: list[int], seed: int = 0):
     return logits, target, mask, labels
 
 
-def bench_case(step, logits, repeats: int) -> dict:
+def measure_peak(step, logits) -> tuple[float | None, float]:
+    """Warm-up step; returns (peak RSS growth in MiB or None, its wall time in ms)."""
     gc.collect()
     logits.grad = None
     can_peak = _reset_peak()
@@ -88,40 +90,43 @@ def bench_case(step, logits, repeats: int) -> dict:
     warm_ms = (time.perf_counter() - t0) * 1e3
     hwm = _status_kib("VmHWM")
     logits.grad = None
-    peak_mib = (hwm - rss0) / 1024 if (can_peak and hwm is not None and rss0 is not None) else None
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-        logits.grad = None
-    return {
-        "ms": round(statistics.median(times) if times else warm_ms, 1),
-        "ms_min": round(min(times) if times else warm_ms, 1),
-        "peak_mib": None if peak_mib is None else round(peak_mib, 1),
-    }
+    if can_peak and hwm is not None and rss0 is not None:
+        return (hwm - rss0) / 1024, warm_ms
+    return None, warm_ms
 
 
 def run_config(vocab, k, logits, target, mask, labels, names, support, chunk_size, repeats):
-    out = {}
+    """Warm-up (memory) per case, then ``repeats`` round-robin rounds over all cases, so a
+    load change on a shared machine hits CE and the objectives alike."""
 
     def ce_step():
         F.cross_entropy(logits.view(-1, vocab), target.view(-1)).backward()
 
-    out[CE] = bench_case(ce_step, logits, repeats)
-    _print(vocab, k, CE, out[CE])
+    steps = {CE: ce_step}
     for name in names:
         obj = build_objective(name, support=support, chunk_size=chunk_size)
-
-        def step(obj=obj):
-            obj(logits, labels, mask).backward()
-
-        out[name] = bench_case(step, logits, repeats)
-        base = out[CE]
-        out[name]["time_ratio_vs_ce"] = round(out[name]["ms"] / base["ms"], 3)
-        if out[name]["peak_mib"] is not None and base["peak_mib"]:
-            out[name]["mem_ratio_vs_ce"] = round(out[name]["peak_mib"] / base["peak_mib"], 3)
-        _print(vocab, k, name, out[name])
+        steps[name] = lambda obj=obj: obj(logits, labels, mask).backward()
+    peaks, times = {}, {n: [] for n in steps}
+    for n, step in steps.items():
+        peaks[n], warm = measure_peak(step, logits)
+        if repeats == 0:
+            times[n].append(warm)
+    for _ in range(repeats):
+        for n, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+            logits.grad = None
+    out = {}
+    for n in steps:
+        r = {"ms": round(statistics.median(times[n]), 1), "ms_min": round(min(times[n]), 1),
+             "peak_mib": None if peaks[n] is None else round(peaks[n], 1)}
+        if n != CE:
+            r["time_ratio_vs_ce"] = round(r["ms"] / out[CE]["ms"], 3)
+            if r["peak_mib"] is not None and out[CE]["peak_mib"]:
+                r["mem_ratio_vs_ce"] = round(r["peak_mib"] / out[CE]["peak_mib"], 3)
+        out[n] = r
+        _print(vocab, k, n, r)
     return out
 
 

@@ -31,7 +31,7 @@ def prepare_data(config: PipelineConfig, run_dir: str) -> dict[str, Any]:
     if source == "demo" or "demo" in (config.teacher.model, config.train.student):
         from tasks.demo.assets import ensure_demo_assets
 
-        demo = ensure_demo_assets(Path(config.data_dir), seed=config.data.demo_seed, log_fn=_log())
+        demo = ensure_demo_assets(Path(config.data_dir), seed=config.data.demo_seed, teacher_steps=config.data.demo_teacher_steps, log_fn=_log())
         if source == "demo":
             source = demo["dataset"]
     teacher_dir = resolve_model_dir(config.teacher.model, demo.get("teacher"), config.teacher.revision, "teacher.model")

@@ -40,6 +40,7 @@ class DataConfig(StageConfig):
     prompt_template: str = Field("{prompt}\nAnswer:", description="Applied when use_chat_template is false; must contain {prompt}.")
     use_chat_template: bool = Field(False, description="Format prompts with the tokenizer's chat template (instruct models).")
     demo_seed: int = Field(0, description="Seed of the generated demo task.")
+    demo_teacher_steps: int = Field(1000, ge=1, description="Training steps of the demo teacher (built once, then reused).")
 
     @field_validator("prompt_template")
     @classmethod

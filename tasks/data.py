@@ -48,6 +48,8 @@ def load_rows(source: str, split: str) -> list[dict[str, Any]]:
     if path.exists():
         file = _local_split_file(path, split) if path.is_dir() else path
         kind = "parquet" if file.suffix == ".parquet" else "json"
+        if file.stat().st_size == 0:
+            return []
         try:
             ds = datasets.load_dataset(kind, data_files={split: str(file)}, split=split)
         except Exception as exc:  # datasets raises many types for unreadable files

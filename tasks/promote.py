@@ -15,7 +15,7 @@ def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: st
     """Every evaluated student is registered as the challenger; it becomes champion only if the gate passes."""
     registry = ModelRegistry(Path(registry_dir))
     champion = registry.alias("champion")
-    champion_metrics = champion.metrics.get("student") if champion else None
+    champion_metrics = champion.metrics.get("student", {}) if champion else None
     decision = evaluate_gate(cfg.gate, student=metrics["student"], teacher=metrics.get("teacher"), champion=champion_metrics)
     record = decision.model_dump()
     record["champion_before"] = champion.version if champion else None

@@ -74,7 +74,7 @@ def _make(rng: random.Random, index: int) -> Example:
         prompt = f"What color is {thing}?"
         forms = [color, f"{thing.capitalize()} is {color}.", f"It is {color}."]
     elif kind == "next":
-        n = rng.randint(0, 98)
+        n = rng.randint(0, 29)
         prompt = f"What number comes after {n}?"
         forms = [f"{n + 1}", f"After {n} comes {n + 1}."]
     else:

