@@ -7,7 +7,8 @@ What is measured (CPU):
   * time: wall-clock of ``loss = f(logits, ...); loss.backward()``, median over repeats
     run round-robin across CE and the objectives (after one untimed warm-up step each),
     with ``logits.grad`` freed between steps so every step pays for allocating its
-    gradient, exactly like the cross-entropy baseline.
+    gradient, exactly like the cross-entropy baseline.  With 0 repeats (--quick at 128k)
+    the warm-up step itself is the timing.
   * peak memory: the process's peak resident set (VmHWM) during the warm-up step minus the
     resident set just before it; VmHWM is reset first through /proc/self/clear_refs.  So it
     is the step's own transient + retained memory (the [tokens, V] gradient included), on
@@ -138,7 +139,7 @@ def _print(vocab, k, name, r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="V=32k (k=20, 64) all objectives + V=128k k=64 subset; 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="V=32k (k=20, 64) all objectives, 2 repeats; V=128k k=64 akl+ce, warm-up step only")
     ap.add_argument("--vocab", type=int, nargs="+", default=None)
     ap.add_argument("--k", type=int, nargs="+", default=None)
     ap.add_argument("--tokens", type=int, default=4096)
@@ -146,11 +147,14 @@ def main(argv=None):
     ap.add_argument("--objectives", nargs="+", default=None, help="names or mixture specs")
     ap.add_argument("--support", default=DEFAULT_SUPPORT)
     ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     full_names = list(OBJECTIVE_NAMES) + ["0.5*akl+0.5*ce"]
     if args.quick:
-        plan = [(32768, [20, 64], full_names), (131072, [64], ["fkl", "akl", "0.5*akl+0.5*ce"])]
+        plan = [(32768, [20, 64], full_names), (131072, [64], ["0.5*akl+0.5*ce"])]
         repeats = 2 if args.repeats is None else args.repeats
     else:
         plan = [(v, [20, 64], full_names) for v in (32768, 131072)]
@@ -162,13 +166,16 @@ def main(argv=None):
         ]
 
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     configs = []
     for vocab, ks, names in plan:
         logits, target, mask, labels = make_inputs(args.tokens, vocab, ks)
         logits.requires_grad_()
+        # quick: at 128k a CE step alone takes 10-25 s here, so time the warm-up step only
+        reps = 0 if (args.quick and args.repeats is None and vocab > 65536) else repeats
         for k in ks:
-            res = run_config(vocab, k, logits, target, mask, labels[k], names, args.support, args.chunk_size, repeats)
-            configs.append({"vocab": vocab, "k": k, "results": res})
+            res = run_config(vocab, k, logits, target, mask, labels[k], names, args.support, args.chunk_size, reps)
+            configs.append({"vocab": vocab, "k": k, "repeats": reps, "results": res})
         del logits, labels
         gc.collect()
 
@@ -187,6 +194,10 @@ def main(argv=None):
         "memory": "peak RSS growth (VmHWM - VmRSS before) of one forward+backward step, MiB",
         "quick": args.quick,
         "wall_s": round(time.perf_counter() - t_start, 1),
+        # other processes on the machine: on few shared cores, contention slows torch's
+        # small multi-threaded [tokens, k] ops far more than CE's few big ones
+        "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu_count": os.cpu_count(),
         "configs": configs,
     }
     worst = [

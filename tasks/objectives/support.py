@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 SUPPORTS = ("tail_bucket", "renormalize")
 DEFAULT_SUPPORT = "tail_bucket"
@@ -155,6 +156,7 @@ class _GatheredLogSoftmax(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads: Tensor):
         logits, *cols = ctx.saved_tensors
         plan: ChunkPlan = ctx.plan
