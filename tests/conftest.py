@@ -27,3 +27,57 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory):
+    """A 1-layer Llama (head_dim 64) with a trained demo tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tasks.demo import task
+    from tasks.demo.models import llama_config, train_tokenizer
+    from tasks.models import save_pretrained_atomic
+
+    root = tmp_path_factory.mktemp("tiny")
+    splits = task.generate(sizes={"train": 300, "validation": 1, "test": 1})
+    texts = [ex.prompt for ex in splits["train"]] + [r for ex in splits["train"] for r in ex.references]
+    tok = train_tokenizer(texts, root / "tokenizer", vocab_size=320)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tok, hidden=64, layers=1, heads=1))
+    save_pretrained_atomic(model, tok, root / "student")
+    return str(root / "student")
+
+
+@pytest.fixture(scope="session")
+def tiny_labels(tmp_path_factory, tiny_student):
+    """Two shards of synthetic soft labels (top-8 of random teacher logits) for the tiny student's vocabulary."""
+    import numpy as np
+    import torch
+
+    from storage import soft_labels
+    from tasks.models import load_tokenizer, tokenizer_hash
+    from tasks.teacher.extract import tail_logmass
+
+    tok = load_tokenizer(tiny_student)
+    out = tmp_path_factory.mktemp("labels")
+    gen = torch.Generator().manual_seed(1)
+    k, vocab = 8, len(tok)
+    meta = {"k": k, "tokenizer_hash": tokenizer_hash(tok), "schema_version": soft_labels.SCHEMA_VERSION}
+    records = []
+    for shard in range(2):
+        rows = []
+        for i in range(8):
+            p, t = 4 + (i % 3), 3 + (i % 4)
+            logp = torch.log_softmax(torch.randn(t, vocab, generator=gen) * 3, -1)
+            top = logp.topk(k, -1)
+            response = torch.randint(4, vocab, (t,), generator=gen)
+            rows.append({
+                "sample_id": f"s{shard}-{i}", "example_id": f"e{shard}-{i}", "split": "train", "response_source": "teacher_sample",
+                "prompt_ids": [1] + torch.randint(4, vocab, (p - 1,), generator=gen).tolist(), "response_ids": response.tolist(),
+                "topk_ids": top.indices.ravel().tolist(), "topk_logprobs": top.values.ravel().tolist(),
+                "token_logprob": logp.gather(1, response[:, None])[:, 0].tolist(),
+                "tail_logmass": tail_logmass(top.values.numpy()).astype(np.float32).tolist(),
+            })
+        records.append(soft_labels.write_shard(out, shard, rows, meta))
+    return str(soft_labels.write_manifest(out, records, meta))

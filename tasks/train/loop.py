@@ -1,23 +1,31 @@
 """The per-worker training loop: data, forward, loss, backward, step, log, checkpoint.
 
-Kept in one readable function (nanoGPT style). The loss is a sum over valid
-tokens divided by the GLOBAL count of valid tokens in the step (all ranks),
-so the gradient does not depend on how tokens fall across workers.
+Kept in one readable function (nanoGPT style). Two rules make it exact:
+- the loss is a sum over valid tokens divided by the GLOBAL count of valid
+  tokens in the optimizer step (all ranks, all micro-batches), so gradients do
+  not depend on how tokens fall across workers or accumulation steps;
+- the batch of a step is a pure function of (seed, step, rank), so a run
+  resumed from a checkpoint sees the same data as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tasks.train.runtime import Runtime
 
-def _schedule(step: int, warmup: int, total: int) -> float:
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak rate."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -42,69 +50,119 @@ def load_worker_records(manifest: str, rank: int, world: int, tokenizer_hash: st
     return records
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import torch.distributed as dist
+def step_batch(records: list, per_worker: int, seed: int, step: int, rank: int) -> list:
+    rng = random.Random(f"{seed}:{step}:{rank}")
+    return rng.sample(records, min(per_worker, len(records)))
 
-    from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
-    from tasks.objectives import SparseLabels, build_objective
+
+def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime) -> tuple[float, dict[str, float]]:
+    """Forward/backward over micro-batches; returns the step's global loss and its parts."""
+    from tasks.objectives import SparseLabels
+
+    local_tokens = sum(mb["mask"].sum() for mb in micro_batches).float()
+    global_tokens = runtime.all_reduce_sum(local_tokens)
+    # DDP averages gradients over ranks, so each rank scales by world to get sum / global count.
+    per_rank_count = global_tokens / runtime.world
+    loss_total, parts_total = 0.0, {}
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+            labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
+            loss = objective(logits, labels, mb["mask"], num_valid_tokens=per_rank_count)
+            loss.backward()
+        loss_total += float(loss.detach())
+        for name, value in objective.last_parts.items():
+            parts_total[name] = parts_total.get(name, 0.0) + float(value)
+    # Each rank holds world * local_sum / global; the mean over ranks is the global loss.
+    stats = runtime.all_reduce_sum(torch.tensor([loss_total, *parts_total.values()], dtype=torch.float64)) / runtime.world
+    return float(stats[0]), dict(zip(parts_total, stats[1:].tolist()))
+
+
+def train(config: dict[str, Any], runtime: Runtime) -> None:
+    from tasks.models import load_causal_lm, load_tokenizer, save_pretrained_atomic, tokenizer_hash
+    from tasks.objectives import build_objective
     from tasks.train.batches import collate
+    from tasks.train.checkpoint import load_checkpoint, save_checkpoint
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(max(1, int(config["threads_per_worker"])))
     torch.manual_seed(config["seed"])
-    device = ray.train.torch.get_device()
 
+    # Data: this worker's disjoint share of the shards.
     tokenizer = load_tokenizer(config["student_dir"])
     records = load_worker_records(config["manifest"], rank, world, tokenizer_hash(tokenizer), len(tokenizer))
     if not records:
         raise ValueError(f"worker {rank}: no soft-label rows assigned; use fewer workers than rows")
-    model = load_causal_lm(config["student_dir"]).to(device)
-    model = ray.train.torch.prepare_model(model) if world > 1 else model
-    core = model.module if hasattr(model, "module") else model
+    k = int(records[0]["topk_ids"].shape[1])
+
+    # Model, objective, optimizer, schedule.
+    model = runtime.prepare_model(load_causal_lm(config["student_dir"]).to(device))
     objective = build_objective(config["objective"], support=config["support"], temperature=config["temperature"], **config["objective_params"])
     opt = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"], betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config["warmup_steps"], config["steps"]))
-    per_worker = config["batch_size"] // world
-    rng = random.Random(config["seed"] * 1000 + rank)
-    k = int(records[0]["topk_ids"].shape[1])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config["warmup_steps"], config["steps"]))
+
+    # Resume from the latest checkpoint, if the run has one.
+    start_step = 0
+    resume_dir = runtime.latest_checkpoint()
+    if resume_dir is not None:
+        start_step = load_checkpoint(resume_dir, model=model, optimizer=opt, scheduler=sched)["step"]
+        if rank == 0:
+            print(f"train: resumed from checkpoint at step {start_step}", flush=True)
+
+    per_worker, accum = config["batch_size"] // world, config["grad_accum_steps"]
     log_path = Path(config["out_dir"]) / "train_log.jsonl"
     model.train()
     start, tokens_seen = time.time(), 0
-    for step in range(config["steps"]):
-        batch = collate(rng.sample(records, min(per_worker, len(records))), tokenizer.pad_token_id, k)
-        batch = {name: t.to(device) for name, t in batch.items()}
-        local_tokens = batch["mask"].sum()
-        global_tokens = local_tokens.clone().float()
-        if world > 1:
-            dist.all_reduce(global_tokens)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = SparseLabels(ids=batch["ids"], logprobs=batch["logprobs"], tail_logmass=batch["tail_logmass"], target_ids=batch["target_ids"])
-        # DDP averages gradients over ranks, so scale by world to get sum / global count.
-        loss = objective(logits, labels, batch["mask"], num_valid_tokens=global_tokens / world)
+    for step in range(start_step, config["steps"]):
+        _maybe_inject_fault(config.get("fault_injection"), step, rank)
+        batch = step_batch(records, per_worker, config["seed"], step, rank)
+        micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
+        micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts = accumulate_gradients(model, objective, micro, runtime)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         opt.step()
         sched.step()
-        tokens_seen += int(global_tokens.item())
-        if step % config["log_every"] == 0 or step == config["steps"] - 1:
-            names = list(objective.last_parts)
-            # Each rank holds world * local_sum / global; the mean over ranks is the global loss.
-            stats = torch.tensor([loss.item(), *objective.last_parts.values()], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats)
-            stats = (stats / world).tolist()
-        if rank == 0 and (step % config["log_every"] == 0 or step == config["steps"] - 1):
+        tokens_seen += int(runtime.all_reduce_sum(sum(mb["mask"].sum() for mb in micro).float()))
+
+        last = step == config["steps"] - 1
+        if rank == 0 and (step % config["log_every"] == 0 or last):
             elapsed = time.time() - start
-            entry = {"step": step + 1, "loss": stats[0], **{f"loss_{n}": v for n, v in zip(names, stats[1:])},
-                     "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                     "elapsed_s": round(elapsed, 2)}
+            done = step + 1 - start_step
+            entry = {"step": step + 1, "loss": loss, **{f"loss_{n}": v for n, v in parts.items()}, "lr": sched.get_last_lr()[0],
+                     "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
+                     "eta_s": round(elapsed / done * (config["steps"] - step - 1), 1)}
             with log_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
-            print(f"train: step {step + 1}/{config['steps']} loss {entry['loss']:.4f} {entry['tokens_per_s']:.0f} tok/s", flush=True)
+            print(f"train: step {step + 1}/{config['steps']} loss {loss:.4f} "
+                  + " ".join(f"{n} {v:.4f}" for n, v in parts.items())
+                  + f" | {entry['tokens_per_s']:.0f} tok/s, eta {entry['eta_s']:.0f}s", flush=True)
+        if (step + 1) % config["checkpoint_every"] == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(Path(tmp), model=model, optimizer=opt, scheduler=sched, step=step + 1, extra={"loss": loss})
+                runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
     if rank == 0:
-        from tasks.models import save_pretrained_atomic
-
+        core = model.module if hasattr(model, "module") else model
         save_pretrained_atomic(core, tokenizer, Path(config["out_dir"]) / "student")
+
+
+def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
+    """Test hook (STILLHOUSE_FAULT_KILL_AT_STEP="N:marker"): SIGKILL rank 0 once when it starts step N."""
+    if not spec or rank != 0:
+        return
+    at, marker = spec.split(":", 1)
+    if step + 1 == int(at) and not Path(marker).exists():
+        import os
+        import signal
+
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point."""
+    from tasks.train.runtime import RayRuntime
+
+    train(config, RayRuntime())

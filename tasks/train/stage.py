@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ class TrainingError(RuntimeError):
 def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tasks.objectives import build_objective
@@ -30,16 +30,17 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
         raise TrainingError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
     loop_config = {
         **cfg.model_dump(include={"objective", "support", "temperature", "objective_params", "steps", "batch_size",
-                                   "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed"}),
+                                   "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed",
+                                   "grad_accum_steps", "checkpoint_every"}),
         "student_dir": student_dir,
         "manifest": labels_manifest,
         "out_dir": str(out_dir),
         "threads_per_worker": cpus_per_worker,
         "log_every": max(1, cfg.steps // 20),
+        "fault_injection": os.environ.get("STILLHOUSE_FAULT_KILL_AT_STEP"),  # tests only
     }
     from tasks.train.loop import train_loop_per_worker
 
@@ -47,7 +48,10 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve())),
+        # Same name + storage path on a rerun: Ray Train resumes from the latest checkpoint.
+        run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.error:

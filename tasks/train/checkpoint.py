@@ -1,0 +1,68 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint holds model weights, optimizer moments, scheduler state and the
+step. Batch selection is a pure function of (seed, step, rank), so no sampler
+state is needed: a resumed run continues where the interrupted one stopped and
+ends with the same weights (on the same hardware).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+STATE_FILE = "trainer_state.json"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, extra: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    core = model.module if hasattr(model, "module") else model
+    save_model(core, str(directory / "model.safetensors"))  # handles tied embeddings
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, directory / "optimizer.safetensors")
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {"step": step, "optimizer": opt_meta, "scheduler": sched, **extra}
+    (directory / STATE_FILE).write_text(json.dumps(state))
+    return directory
+
+
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict[str, Any]:
+    directory = Path(directory)
+    state = json.loads((directory / STATE_FILE).read_text())
+    core = model.module if hasattr(model, "module") else model
+    try:
+        missing, unexpected = load_model(core, str(directory / "model.safetensors"), strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{directory}: checkpoint does not fit this student ({str(exc).splitlines()[0]}); "
+                         "use a fresh run name or the original student config") from exc
+    if missing or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not fit this student (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}); use a fresh run name or the original student config")
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(directory / "optimizer.safetensors"), state["optimizer"]))
+    scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    return state
