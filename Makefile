@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stillhouse-installed
 EXTRA ?= cpu
 
-.PHONY: setup demo test compare clean-venv
+.PHONY: setup demo test compare stack stack-down clean-venv
 
 setup: $(STAMP)
 
@@ -26,3 +26,14 @@ test: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Train the same student with each KD objective (3 seeds) and write docs/results/methods.{json,md}.
+compare: setup
+	$(PY) -m flows.compare
+
+# Local Prefect server + UI (127.0.0.1:4200), process worker and Ray head; deploys deploy/prefect.yaml.
+stack: setup
+	deploy/stack.sh up
+
+stack-down:
+	deploy/stack.sh down

@@ -6,6 +6,7 @@ Each task returns a small manifest of paths and numbers; data stays on disk.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -39,38 +40,87 @@ def prepare_data(config: PipelineConfig, run_dir: str) -> dict[str, Any]:
     return prepare(config.data, source, teacher_dir, student_dir, Path(run_dir) / "prompts", config.teacher.max_new_tokens)
 
 
+def _labels_complete(out_dir: Path) -> dict[str, str] | None:
+    """Manifests of a finished capture whose shards all still verify, else None."""
+    from storage import soft_labels
+
+    manifests = {}
+    for role in ("train", "eval"):
+        path = out_dir / role / soft_labels.MANIFEST_NAME
+        if not path.exists():
+            return None
+        manifest = soft_labels.load_manifest(path)
+        for index, record in enumerate(manifest["shards"]):
+            done = soft_labels.finished_shard(out_dir / role, index)
+            if done is None or done["sha256"] != record["sha256"]:
+                return None
+        manifests[role] = str(path)
+    return manifests
+
+
 @task(name="teacher-labels")
-def teacher_labels(config: PipelineConfig, prepared: dict[str, Any], run_dir: str) -> dict[str, str]:
+def teacher_labels(config: PipelineConfig, prepared: dict[str, Any]) -> dict[str, str]:
+    from tasks.identity import model_identity, stage_key
     from tasks.teacher.stage import run_teacher_stage
 
-    return run_teacher_stage(config.teacher, prepared["teacher_dir"], prepared, Path(run_dir) / "labels",
-                             ray_address=config.train.ray_address, log_fn=_log())
+    key = stage_key("labels", teacher=config.teacher.model_dump(), teacher_model=model_identity(prepared["teacher_dir"]),
+                    prompts={s: v["sha256"] for s, v in prepared["splits"].items()})
+    out_dir = Path(config.data_dir).resolve() / "cache" / "labels" / key
+    done = _labels_complete(out_dir)
+    if done is not None:
+        _log()(f"teacher: reusing finished labels {out_dir} (same teacher, prompts and settings)")
+        return {**done, "key": key, "reused": True}
+    manifests = run_teacher_stage(config.teacher, prepared["teacher_dir"], prepared, out_dir,
+                                  ray_address=config.train.ray_address, log_fn=_log())
+    return {**manifests, "key": key, "reused": False}
 
 
 @task(name="train-student")
-def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], run_dir: str) -> dict[str, Any]:
+def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any]) -> dict[str, Any]:
+    from tasks.identity import model_identity, stage_key
     from tasks.train.stage import run_train_stage
 
-    return run_train_stage(config.train, prepared["student_dir"], labels["train"], Path(run_dir) / "train", log_fn=_log())
+    key = stage_key("train", train=config.train.model_dump(exclude={"ray_address"}), labels=labels["key"],
+                    student_model=model_identity(prepared["student_dir"]))
+    out_dir = Path(config.data_dir).resolve() / "cache" / "train" / key
+    done = out_dir / "done.json"
+    if done.exists() and (out_dir / "student" / "config.json").exists():
+        _log()(f"train: reusing finished student {out_dir / 'student'} (same labels, student and settings)")
+        return {**json.loads(done.read_text()), "reused": True}
+    result = {**run_train_stage(config.train, prepared["student_dir"], labels["train"], out_dir, log_fn=_log()), "key": key}
+    write_json(done, result)
+    return {**result, "reused": False}
 
 
 @task(name="evaluate")
-def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], trained: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     from tasks.evaluate.stage import run_eval_stage
+    from tasks.identity import stage_key
 
-    result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], prepared["splits"][prepared["eval_split"]]["path"],
-                            Path(run_dir) / "eval", ray_address=config.train.ray_address, log_fn=_log())
+    eval_split = prepared["splits"][prepared["eval_split"]]
+    key = stage_key("eval", eval=config.eval.model_dump(), student=trained["key"], labels=labels["key"], prompts=eval_split["sha256"])
+    out_dir = Path(config.data_dir).resolve() / "cache" / "eval" / key
+    done = out_dir / "done.json"
+    if done.exists():
+        result = {**json.loads(done.read_text()), "reused": True}
+        _log()(f"eval: reusing finished evaluation {out_dir}")
+    else:
+        result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], eval_split["path"], out_dir,
+                                ray_address=config.train.ray_address, log_fn=_log())
+        write_json(done, result)
+        result = {**result, "reused": False}
     rows = []
     for who in ("student", "teacher"):
         for metric, stat in result["metrics"][who].items():
-            rows.append({"model": who, "metric": metric, "value": round(stat["value"], 4),
-                         "ci_low": round(stat["ci_low"], 4), "ci_high": round(stat["ci_high"], 4), "n": stat["n"]})
+            if isinstance(stat, dict):
+                rows.append({"model": who, "metric": metric, "value": round(stat["value"], 4),
+                             "ci_low": round(stat["ci_low"], 4), "ci_high": round(stat["ci_high"], 4), "n": stat["n"]})
     create_table_artifact(key="eval-metrics", table=rows, description="Held-out metrics with 95% bootstrap intervals")
     return result
 
 
 @task(name="gate-and-promote")
-def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, str], trained: dict[str, Any],
+def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any], trained: dict[str, Any],
                      evaluated: dict[str, Any]) -> dict[str, Any]:
     from storage import soft_labels
     from tasks.promote import run_promotion_stage
@@ -116,9 +166,9 @@ def distill(config: PipelineConfig = PipelineConfig()) -> str:
     write_json(run_dir / "config.json", config.model_dump())
 
     prepared = prepare_data(config, str(run_dir))
-    labels = teacher_labels(config, prepared, str(run_dir))
-    trained = train_student(config, prepared, labels, str(run_dir))
-    evaluated = evaluate(config, prepared, labels, trained, str(run_dir))
+    labels = teacher_labels(config, prepared)
+    trained = train_student(config, prepared, labels)
+    evaluated = evaluate(config, prepared, labels, trained)
     decision = gate_and_promote(config, prepared, labels, trained, evaluated)
 
     run = {
@@ -131,6 +181,7 @@ def distill(config: PipelineConfig = PipelineConfig()) -> str:
         "metrics_file": evaluated["metrics_file"],
         "metrics": {who: {m: s["value"] for m, s in evaluated["metrics"][who].items()} for who in ("student", "teacher")},
         "decision": decision,
+        "reused_stages": [name for name, out in (("teacher-labels", labels), ("train-student", trained), ("evaluate", evaluated)) if out["reused"]],
         "wall_seconds": round(time.time() - started, 1),
     }
     path = write_json(run_dir / "run.json", run)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Local stack: Prefect server (UI on 127.0.0.1:4200), a process worker, a Ray head.
+#   deploy/stack.sh up     start everything and deploy deploy/prefect.yaml
+#   deploy/stack.sh down   stop everything
+# Database: SQLite under $STILLHOUSE_DATA_DIR/stack by default; for PostgreSQL set
+#   PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+BIN=$REPO/.venv/bin
+DATA=${STILLHOUSE_DATA_DIR:-$REPO/stillhouse-data}
+STACK=$DATA/stack
+PORT=${PREFECT_PORT:-4200}
+RAY_PORT=${RAY_PORT:-6380}
+mkdir -p "$STACK"
+export PREFECT_HOME=$STACK/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_API_URL=http://127.0.0.1:$PORT/api
+export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
+export PREFECT_RESULTS_LOCAL_STORAGE_PATH=$DATA/prefect-results
+export STILLHOUSE_DATA_DIR=$DATA
+export RAY_ACCEPT_AUTH_TOKEN_WARNING=1
+
+up() {
+  "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$STACK/server.log" 2>&1 &
+  echo $! > "$STACK/server.pid"
+  for _ in $(seq 1 60); do
+    curl -fs "$PREFECT_API_URL/health" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  curl -fs "$PREFECT_API_URL/health" > /dev/null || { echo "Prefect server did not start; see $STACK/server.log" >&2; exit 1; }
+  "$BIN/ray" start --head --port "$RAY_PORT" --include-dashboard=false --disable-usage-stats > "$STACK/ray.log" 2>&1
+  export RAY_ADDRESS=127.0.0.1:$RAY_PORT
+  "$BIN/prefect" work-pool create stillhouse-process --type process > /dev/null 2>&1 || true
+  STILLHOUSE_REPO=$REPO "$BIN/prefect" --no-prompt deploy --all --prefect-file deploy/prefect.yaml > "$STACK/deploy.log" 2>&1 \
+    || { echo "deploy failed; see $STACK/deploy.log" >&2; exit 1; }
+  "$BIN/prefect" worker start --pool stillhouse-process > "$STACK/worker.log" 2>&1 &
+  echo $! > "$STACK/worker.pid"
+  echo "Prefect UI:  http://127.0.0.1:$PORT   (runs: Deployments → distill/distill → Run → Custom run)"
+  echo "Ray head:    $RAY_ADDRESS"
+  echo "Logs:        $STACK/*.log"
+}
+
+down() {
+  for name in worker server; do
+    if [ -f "$STACK/$name.pid" ]; then
+      kill "$(cat "$STACK/$name.pid")" 2> /dev/null || true
+      rm -f "$STACK/$name.pid"
+    fi
+  done
+  "$BIN/ray" stop --force > /dev/null 2>&1 || true
+  echo "stack stopped"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
