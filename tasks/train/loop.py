@@ -116,6 +116,8 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     start, tokens_seen = time.time(), 0
     for step in range(start_step, config["steps"]):
         _maybe_inject_fault(config.get("fault_injection"), step, rank)
+        if config.get("step_sleep"):
+            time.sleep(config["step_sleep"])  # tests only: widen the window for a kill
         batch = step_batch(records, per_worker, config["seed"], step, rank)
         micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]

@@ -41,6 +41,7 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
         "threads_per_worker": cpus_per_worker,
         "log_every": max(1, cfg.steps // 20),
         "fault_injection": os.environ.get("STILLHOUSE_FAULT_KILL_AT_STEP"),  # tests only
+        "step_sleep": float(os.environ.get("STILLHOUSE_TEST_STEP_SLEEP", 0)),  # tests only
     }
     from tasks.train.loop import train_loop_per_worker
 
