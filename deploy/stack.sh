@@ -20,6 +20,9 @@ export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 export PREFECT_RESULTS_LOCAL_STORAGE_PATH=$DATA/prefect-results
 export STILLHOUSE_DATA_DIR=$DATA
 export RAY_ACCEPT_AUTH_TOKEN_WARNING=1
+# The Ray head listens on 127.0.0.1 only; token auth would make every client
+# (the worker's flow runs) fetch a token first, so it is off for this local stack.
+export RAY_AUTH_MODE=disabled
 
 up() {
   "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$STACK/server.log" 2>&1 &
@@ -29,7 +32,7 @@ up() {
     sleep 1
   done
   curl -fs "$PREFECT_API_URL/health" > /dev/null || { echo "Prefect server did not start; see $STACK/server.log" >&2; exit 1; }
-  "$BIN/ray" start --head --port "$RAY_PORT" --include-dashboard=false --disable-usage-stats > "$STACK/ray.log" 2>&1
+  "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" --include-dashboard=false --disable-usage-stats > "$STACK/ray.log" 2>&1
   export RAY_ADDRESS=127.0.0.1:$RAY_PORT
   "$BIN/prefect" work-pool create stillhouse-process --type process > /dev/null 2>&1 || true
   STILLHOUSE_REPO=$REPO "$BIN/prefect" --no-prompt deploy --all --prefect-file deploy/prefect.yaml > "$STACK/deploy.log" 2>&1 \
