@@ -25,9 +25,10 @@ export RAY_ACCEPT_AUTH_TOKEN_WARNING=1
 export RAY_AUTH_MODE=disabled
 
 up() {
-  "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$STACK/server.log" 2>&1 &
+  # setsid: each service leads its own process group, so `down` stops its children too.
+  setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$STACK/server.log" 2>&1 &
   echo $! > "$STACK/server.pid"
-  for _ in $(seq 1 60); do
+  for _ in $(seq 1 180); do
     curl -fs "$PREFECT_API_URL/health" > /dev/null 2>&1 && break
     sleep 1
   done
@@ -37,7 +38,7 @@ up() {
   "$BIN/prefect" work-pool create stillhouse-process --type process > /dev/null 2>&1 || true
   STILLHOUSE_REPO=$REPO "$BIN/prefect" --no-prompt deploy --all --prefect-file deploy/prefect.yaml > "$STACK/deploy.log" 2>&1 \
     || { echo "deploy failed; see $STACK/deploy.log" >&2; exit 1; }
-  "$BIN/prefect" worker start --pool stillhouse-process > "$STACK/worker.log" 2>&1 &
+  setsid "$BIN/prefect" worker start --pool stillhouse-process > "$STACK/worker.log" 2>&1 &
   echo $! > "$STACK/worker.pid"
   echo "Prefect UI:  http://127.0.0.1:$PORT   (runs: Deployments → distill/distill → Run → Custom run)"
   echo "Ray head:    $RAY_ADDRESS"
@@ -47,7 +48,7 @@ up() {
 down() {
   for name in worker server; do
     if [ -f "$STACK/$name.pid" ]; then
-      kill "$(cat "$STACK/$name.pid")" 2> /dev/null || true
+      kill -TERM -- "-$(cat "$STACK/$name.pid")" 2> /dev/null || true
       rm -f "$STACK/$name.pid"
     fi
   done

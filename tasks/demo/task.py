@@ -52,16 +52,15 @@ def _phrase(rng: random.Random, forms: list[str], weights: tuple[float, ...]) ->
 
 
 def _make(rng: random.Random, index: int) -> Example:
-    kind = rng.choice(("add", "reverse", "opposite", "color", "next", "count"))
+    kind = rng.choice(("add", "bigger", "opposite", "color", "next", "count"))
     if kind == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         prompt = f"What is {a} plus {b}?"
         forms = [f"{a + b}", f"The answer is {a + b}.", f"{a} plus {b} is {a + b}."]
-    elif kind == "reverse":
-        words = rng.sample(_WORDS, rng.randint(2, 3))
-        prompt = "Reverse the words: " + " ".join(words)
-        rev = " ".join(reversed(words))
-        forms = [rev, f"Reversed: {rev}"]
+    elif kind == "bigger":
+        a, b = rng.sample(range(10), 2)
+        prompt = f"Which is bigger, {a} or {b}?"
+        forms = [f"{max(a, b)}", f"{max(a, b)} is bigger.", f"The bigger one is {max(a, b)}."]
     elif kind == "opposite":
         pairs = list(_OPPOSITES.items())
         word, opp = rng.choice(pairs)
