@@ -33,7 +33,7 @@ def demo_paths(data_dir: Path) -> dict[str, Path]:
     }
 
 
-def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 1000, log_fn=log.info) -> dict[str, str]:
+def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 1500, log_fn=log.info) -> dict[str, str]:
     """Return paths of the demo assets, building whatever is missing or stale."""
     paths = demo_paths(data_dir)
     recipe = {"version": RECIPE_VERSION, "seed": seed, "teacher_steps": teacher_steps, "teacher": TEACHER_SHAPE, "student": STUDENT_SHAPE}
