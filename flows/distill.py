@@ -121,9 +121,12 @@ def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str,
 
 @task(name="gate-and-promote")
 def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any], trained: dict[str, Any],
-                     evaluated: dict[str, Any]) -> dict[str, Any]:
+                     evaluated: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from storage import soft_labels
+    from storage.registry import ModelRegistry
+    from tasks.approval import request_approval
     from tasks.promote import run_promotion_stage
+    from tasks.report import write_report
 
     registry_dir = config.promotion.registry_dir or str(Path(config.data_dir) / "registry")
     label_meta = soft_labels.load_manifest(labels["train"])["metadata"]
@@ -135,13 +138,18 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
         "train_config": config.train.model_dump(),
         "code_version": _code_version(),
     }
-    decision = run_promotion_stage(config.promotion, registry_dir, trained["checkpoint"], evaluated["metrics"], lineage, log_fn=_log())
-    table = "\n".join(f"| {r['name']} | {r['value']} | {r['threshold']} | {'pass' if r['passed'] else 'FAIL'} | {r['reason']} |" for r in decision["rules"])
-    create_markdown_artifact(
-        key="promotion-decision",
-        markdown=f"## {'Promoted' if decision['promoted'] else 'Not promoted'}: {decision['version']}\n\n{decision['summary']}\n\n"
-        f"| rule | value | threshold | result | reason |\n|---|---|---|---|---|\n{table}\n",
-    )
+    approve = (lambda record: request_approval(record, config.promotion.approval_timeout_s)) if config.promotion.require_approval else None
+    decision = run_promotion_stage(config.promotion, registry_dir, trained["checkpoint"], evaluated["metrics"], lineage,
+                                   log_fn=_log(), approve=approve)
+    before = decision["champion_before"]
+    champion_metrics = ModelRegistry(Path(registry_dir)).get(before).metrics.get("student") if before else None
+    metrics_file = Path(evaluated["metrics_file"])
+    report = write_report(Path(run_dir), evaluated["metrics"], decision, champion_metrics, Path(trained["log"]),
+                          files={"eval/metrics.json": metrics_file, "eval/generations.jsonl": metrics_file.parent / "generations.jsonl",
+                                 "student checkpoint": trained["checkpoint"], "labels (train manifest)": labels["train"]})
+    create_markdown_artifact(key="run-report", markdown=report["markdown"])
+    create_table_artifact(key="run-comparison", table=report["table"])
+    decision["report"] = {"md": report["report_md"], "png": report["report_png"]}
     return decision
 
 
@@ -169,7 +177,7 @@ def distill(config: PipelineConfig = PipelineConfig()) -> str:
     labels = teacher_labels(config, prepared)
     trained = train_student(config, prepared, labels)
     evaluated = evaluate(config, prepared, labels, trained)
-    decision = gate_and_promote(config, prepared, labels, trained, evaluated)
+    decision = gate_and_promote(config, prepared, labels, trained, evaluated, str(run_dir))
 
     run = {
         "run_name": run_name,

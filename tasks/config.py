@@ -40,7 +40,7 @@ class DataConfig(StageConfig):
     prompt_template: str = Field("{prompt}\nAnswer:", description="Applied when use_chat_template is false; must contain {prompt}.")
     use_chat_template: bool = Field(False, description="Format prompts with the tokenizer's chat template (instruct models).")
     demo_seed: int = Field(0, description="Seed of the generated demo task.")
-    demo_teacher_steps: int = Field(1000, ge=1, description="Training steps of the demo teacher (built once, then reused).")
+    demo_teacher_steps: int = Field(1500, ge=1, description="Training steps of the demo teacher (built once, then reused).")
 
     @field_validator("prompt_template")
     @classmethod
@@ -75,6 +75,15 @@ class TeacherConfig(StageConfig):
     max_new_tokens: int = Field(32, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
     shard_rows: int = Field(2048, ge=1, description="Sequences per Parquet shard (the unit of resume).")
+    mode: Literal["generate", "score"] = Field(
+        "generate",
+        description="Training labels: 'generate' = the teacher samples responses; 'score' = teacher forcing of each "
+        "prompt's first reference + EOS (needs data.reference_field). Held-out prompts are always labelled greedily.",
+    )
+    reference_prefix: str = Field(" ", description="Text put before a reference when it is tokenised in score mode (the demo's answers follow 'Answer:' after a space).")
+    codec: Literal["compact-v1", "baseline", "plain-f32"] = Field(
+        "compact-v1", description="Soft-label shard codec (storage/FORMAT.md): compact-v1 ~2 bytes per top-k entry, baseline uint32+float16, plain-f32 exact."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
@@ -106,6 +115,17 @@ class EvalConfig(StageConfig):
 
     max_new_tokens: int = Field(32, ge=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    sample_seeds: int = Field(
+        0, ge=0, le=20,
+        description="Sampled runs at temperature 1 (MiniLLM's protocol, e.g. 3 or 5), in the same engine call as greedy; "
+        "adds rouge_l_sampled (ROUGE-L averaged over seeds). 0: greedy only (fastest).",
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval-harness task names run on the student (e.g. ['arc_easy']); skipped, with the reason in "
+        "metrics.json, when lm-eval is not installed or the tasks' datasets are not reachable. Gate name: lm_eval:<task>.",
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task (None: all).")
 
 
 def default_gate() -> GateConfig:
@@ -122,6 +142,10 @@ class PromotionConfig(StageConfig):
 
     gate: GateConfig = Field(default_factory=default_gate)
     registry_dir: str | None = Field(None, description="Registry folder; default <data_dir>/registry.")
+    require_approval: bool = Field(
+        False, description="Pause before promotion until a person approves or rejects in the Prefect UI (a typed form)."
+    )
+    approval_timeout_s: int = Field(3600, ge=1, description="How long to wait for the approval; no answer means not promoted.")
 
 
 class PipelineConfig(StageConfig):
@@ -137,9 +161,11 @@ class PipelineConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
-        from tasks.evaluate.metrics import METRIC_NAMES
+        from tasks.evaluate.metrics import known_metric_names
 
-        self.promotion.gate.validate_metrics(set(METRIC_NAMES))
+        self.promotion.gate.validate_metrics(set(known_metric_names(self.eval.lm_eval_tasks)))
+        if self.eval.sample_seeds == 0 and any(r.metric == "rouge_l_sampled" for r in self.promotion.gate.rules):
+            raise ValueError("a gate rule uses rouge_l_sampled but eval.sample_seeds is 0; set eval.sample_seeds >= 1")
         if self.train.num_workers > self.train.batch_size:
             raise ValueError("train.num_workers must not exceed train.batch_size")
         return self

@@ -29,7 +29,9 @@ class GateRule(BaseModel):
     name: str | None = Field(None, description="Label in reports; default derived, e.g. 'exact_match>=0.5'.")
     metric: str = Field(..., min_length=1, description="Metric name, e.g. exact_match, rouge_l, kl_to_teacher.")
     kind: RuleKind
-    higher_is_better: bool = Field(True, description="False for losses/divergences such as kl_to_teacher.")
+    higher_is_better: bool | None = Field(
+        None, description="Default: from the metric (False for kl_to_teacher, reverse_kl_to_teacher, perplexity)."
+    )
     threshold: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -47,6 +49,10 @@ class GateRule(BaseModel):
     def _check_knobs(self) -> "GateRule":
         # A knob the kind ignores is almost always a mistake in the config; say so now.
         label = self.name or f"{self.metric} ({self.kind})"
+        if self.higher_is_better is None:
+            from tasks.evaluate.metrics import LOWER_IS_BETTER
+
+            self.higher_is_better = self.metric not in LOWER_IS_BETTER
         if self.kind in ("absolute", "relative_to_teacher") and self.threshold is None:
             raise ValueError(f"gate rule {label!r}: kind {self.kind!r} needs 'threshold'")
         if self.kind in CHAMPION_KINDS and self.threshold is not None:

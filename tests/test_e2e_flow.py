@@ -44,33 +44,43 @@ def test_run_json_points_at_existing_outputs(runs):
 
 
 def test_soft_label_shards_satisfy_invariants(runs):
+    from storage import soft_labels
+
     _, (kd, _) = runs
     manifest = json.loads(Path(kd["soft_labels_manifest"]).read_text())
     k = manifest["metadata"]["k"]
     assert k == 8 and manifest["metadata"]["logprobs_mode"] == "raw_logprobs"
     assert manifest["num_rows"] == 96 and len(manifest["shards"]) == 3
+    for shard in manifest["shards"]:  # every shard is plain Parquet with the row count the manifest states
+        assert pq.read_metadata(Path(kd["soft_labels_manifest"]).parent / shard["path"]).num_rows == shard["rows"]
     rows = 0
-    for shard in manifest["shards"]:
-        table = pq.read_table(Path(kd["soft_labels_manifest"]).parent / shard["path"])
-        assert table.num_rows == shard["rows"]
-        for row in table.to_pylist():
-            t = len(row["response_ids"])
-            ids = np.array(row["topk_ids"]).reshape(t, k)
-            lp = np.array(row["topk_logprobs"]).reshape(t, k)
-            assert t > 0 and len(row["token_logprob"]) == t and len(row["tail_logmass"]) == t
-            assert all(len(set(r)) == k for r in ids), "top-k ids unique per position"
-            assert np.all(lp <= 1e-6) and np.all(np.diff(lp, axis=1) <= 1e-6), "log-probs <= 0, sorted descending"
-            mass = np.exp(lp).sum(axis=1)
-            assert np.all(mass <= 1 + 1e-4)
-            np.testing.assert_allclose(np.exp(row["tail_logmass"]), np.clip(1 - mass, 0, 1), atol=1e-4)
-            for pos, token in enumerate(row["response_ids"]):  # realised token's log-prob agrees with the top-k
-                hit = np.flatnonzero(ids[pos] == token)
-                if hit.size:
-                    assert abs(lp[pos, hit[0]] - row["token_logprob"][pos]) < 1e-5
-                else:
-                    assert row["token_logprob"][pos] <= lp[pos, -1] + 1e-5
-            rows += 1
+    for row in soft_labels.read(kd["soft_labels_manifest"]):
+        t = len(row["response_ids"])
+        ids, lp = row["topk_ids"], row["topk_logprobs"]
+        assert t > 0 and ids.shape == (t, k) and lp.shape == (t, k), "one label row per response token"
+        assert len(row["token_logprob"]) == t and len(row["tail_logmass"]) == t
+        assert all(len(set(r.tolist())) == k for r in ids), "top-k ids unique per position"
+        assert np.all(lp <= 1e-6) and np.all(np.diff(lp, axis=1) <= 1e-6), "log-probs <= 0, sorted descending"
+        mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+        assert np.all(mass <= 1 + 1e-3)
+        np.testing.assert_allclose(np.exp(row["tail_logmass"]), np.clip(1 - mass, 0, 1), atol=5e-3)  # compact-v1 bound, storage/FORMAT.md
+        for pos, token in enumerate(row["response_ids"]):  # realised token's log-prob agrees with the top-k
+            hit = np.flatnonzero(ids[pos] == token)
+            if hit.size:
+                assert abs(lp[pos, hit[0]] - row["token_logprob"][pos]) < 2e-2
+            else:
+                assert row["token_logprob"][pos] <= lp[pos, -1] + 2e-2
+        rows += 1
     assert rows == 96
+
+
+def test_run_report_written(runs):
+    _, (kd, _) = runs
+    report = Path(kd["run_dir"]) / "report.md"
+    assert report.exists() and (Path(kd["run_dir"]) / "report.png").stat().st_size > 1000
+    text = report.read_text()
+    for rule in kd["decision"]["rules"]:
+        assert rule["name"] in text
 
 
 def test_student_checkpoint_loads_in_transformers_and_ran_in_vllm(runs):
@@ -119,7 +129,7 @@ def test_prefect_artifacts_recorded(runs):
 
     async def keys():
         async with get_client() as client:
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-metrics", "promotion-decision"])))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-metrics", "run-report", "run-comparison"])))
             return {a.key for a in arts}
 
-    assert asyncio.run(keys()) == {"eval-metrics", "promotion-decision"}
+    assert asyncio.run(keys()) == {"eval-metrics", "run-report", "run-comparison"}

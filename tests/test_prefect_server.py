@@ -77,4 +77,4 @@ def test_run_triggered_through_the_api_completes(stack):
     config = json.loads((data / "runs" / "from-api" / "config.json").read_text())
     assert config["train"]["objective"] == "akl+ce"
     artifacts = HTTP.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
-    assert {a["key"] for a in artifacts} >= {"eval-metrics", "promotion-decision"}
+    assert {a["key"] for a in artifacts} >= {"eval-metrics", "run-report", "run-comparison"}

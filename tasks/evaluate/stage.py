@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from storage import soft_labels
 from storage.atomic import write_json
 from tasks.config import EvalConfig
 from tasks.data import read_prompts
 from tasks.evaluate.distribution import distribution_scores
-from tasks.evaluate.generation import greedy_generate, score_generations
-from tasks.evaluate.metrics import summarize
+from tasks.evaluate.generation import SAMPLE_TEMPERATURE, generate_student, sample_seed_values, score_generations, score_sampled
+from tasks.evaluate.metrics import summarize, summarize_ratio
+from tasks.evaluate.perplexity import reference_nll
 from tasks.models import load_tokenizer
 
 
@@ -26,22 +29,42 @@ def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str
     tokenizer = load_tokenizer(student_dir)
     prompts = read_prompts(prompts_path)
 
-    student_ids = greedy_generate(student_dir, cfg.engine, [p["prompt_ids"] for p in prompts], cfg.max_new_tokens)
-    student_rows = score_generations(tokenizer, prompts, student_ids)
+    # One engine start for the student: greedy and every sampled seed in the same call.
+    seeds = sample_seed_values(cfg.sample_seeds)
+    generated = generate_student(student_dir, cfg.engine, [p["prompt_ids"] for p in prompts], cfg.max_new_tokens, seeds)
+    student_rows = score_generations(tokenizer, prompts, generated["greedy"])
+    sampled_rows = score_sampled(tokenizer, prompts, generated["sampled"]) if seeds else None
     # The teacher stage labelled the held-out prompts greedily: its responses are the teacher's answers.
     teacher_by_id = {r["example_id"]: r["response_ids"].tolist() for r in soft_labels.read(teacher_eval_manifest)}
     teacher_rows = score_generations(tokenizer, prompts, [teacher_by_id[p["example_id"]] for p in prompts])
     dist_rows = distribution_scores(student_dir, teacher_eval_manifest)
+    nll_rows = reference_nll(student_dir, prompts)
 
     student = {m: summarize([r[m] for r in student_rows]) for m in ("exact_match", "rouge_l")}
+    if sampled_rows is not None:
+        student["rouge_l_sampled"] = summarize([r["rouge_l_sampled"] for r in sampled_rows])
     student.update({m: summarize([r[m] for r in dist_rows]) for m in ("kl_to_teacher", "reverse_kl_to_teacher", "top1_agreement")})
+    student["perplexity"] = summarize_ratio([r["nll"] for r in nll_rows], [r["tokens"] for r in nll_rows], transform=np.exp)
     teacher = {m: summarize([r[m] for r in teacher_rows]) for m in ("exact_match", "rouge_l")}
-    metrics = {"student": student, "teacher": teacher, "num_examples": len(prompts)}
+    metrics: dict[str, Any] = {"student": student, "teacher": teacher, "num_examples": len(prompts)}
+    if seeds:
+        metrics["sampling"] = {"seeds": seeds, "temperature": SAMPLE_TEMPERATURE, "top_p": 1.0, "who": "student"}
+    if cfg.lm_eval_tasks:
+        from tasks.evaluate.harness import run_lm_eval
+
+        harness = run_lm_eval(student_dir, cfg.lm_eval_tasks, limit=cfg.lm_eval_limit, log_fn=log_fn)
+        student.update(harness.pop("metrics"))
+        metrics["lm_eval"] = harness
+
     with (out_dir / "generations.jsonl").open("w") as f:
-        for s, t in zip(student_rows, teacher_rows):
-            f.write(json.dumps({"example_id": s["example_id"], "prompt": s["prompt"], "references": s["references"],
-                                "student": s["response"], "teacher": t["response"],
-                                "student_exact_match": s["exact_match"], "teacher_exact_match": t["exact_match"]}) + "\n")
+        for i, (s, t) in enumerate(zip(student_rows, teacher_rows)):
+            row = {"example_id": s["example_id"], "prompt": s["prompt"], "references": s["references"],
+                   "student": s["response"], "teacher": t["response"],
+                   "student_exact_match": s["exact_match"], "teacher_exact_match": t["exact_match"]}
+            if sampled_rows is not None:
+                row["student_sampled"] = sampled_rows[i]["responses"]
+                row["student_rouge_l_sampled"] = sampled_rows[i]["rouge_l_sampled"]
+            f.write(json.dumps(row) + "\n")
     metrics_file = write_json(out_dir / "metrics.json", metrics)
     log_fn("eval: student " + ", ".join(f"{m} {v['value']:.3f}" for m, v in student.items())
            + " | teacher " + ", ".join(f"{m} {v['value']:.3f}" for m, v in teacher.items()))

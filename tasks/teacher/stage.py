@@ -1,4 +1,4 @@
-"""Teacher stage entry point: label the training prompts (sampled) and the held-out prompts (greedy).
+"""Teacher stage entry point: label the training prompts (sampled or scored) and the held-out prompts (greedy).
 
 The held-out labels double as the teacher's greedy answers for evaluation, so
 the teacher engine starts once per run. Engines live in Ray actors: one actor
@@ -25,23 +25,26 @@ class TeacherReplica:
 
         self.llm = build_engine(model_dir, cfg.engine, max_logprobs=cfg.top_k, logprobs_mode=cfg.logprobs_mode)
 
-    def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling):
+    def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling, mode="generate"):
         from tasks.teacher.capture import capture
 
         lines: list[str] = []
         manifest = capture(self.llm, prompts, Path(out_dir), split=split, metadata=metadata, shard_rows=shard_rows,
-                           log_fn=lines.append, **sampling)
+                           log_fn=lines.append, mode=mode, **sampling)
         return str(manifest), lines
 
 
-def label_metadata(cfg: TeacherConfig, teacher_dir: str, split: str, sampling: dict[str, Any]) -> dict[str, Any]:
+def label_metadata(cfg: TeacherConfig, teacher_dir: str, split: str, sampling: dict[str, Any],
+                   mode: str = "generate") -> dict[str, Any]:
     from tasks.teacher.engine import vllm_version
 
     tok = load_tokenizer(teacher_dir, cfg.engine.trust_remote_code)
     meta = {
         "schema_version": soft_labels.SCHEMA_VERSION,
-        "codec": "plain-f32",
+        "codec": cfg.codec,
         "split": split,
+        "mode": mode,
+        "response_source": "reference" if mode == "score" else "teacher_sample",
         "teacher_model": cfg.model,
         "teacher_revision": cfg.revision,
         "teacher_hash": sha256_dir(Path(teacher_dir), "*.safetensors")[:16],
@@ -53,8 +56,30 @@ def label_metadata(cfg: TeacherConfig, teacher_dir: str, split: str, sampling: d
         "k": cfg.top_k,
         "sampling": sampling,
     }
-    meta["teacher_key"] = sha256_json({k: meta[k] for k in ("teacher_hash", "tokenizer_hash", "logprobs_mode", "k", "sampling")})[:16]
+    if mode == "score":
+        meta["reference_prefix"] = cfg.reference_prefix
+    keyed = ("teacher_hash", "tokenizer_hash", "logprobs_mode", "k", "sampling", "mode", "reference_prefix")
+    meta["teacher_key"] = sha256_json({k: meta.get(k) for k in keyed})[:16]
     return meta
+
+
+def reference_prompts(prompts: list[dict[str, Any]], tokenizer, prefix: str) -> list[dict[str, Any]]:
+    """Attach response_ids = tokens of prefix + first reference, then EOS (the demo teacher's training format)."""
+    from tasks.teacher.capture import CaptureError
+
+    if tokenizer.eos_token_id is None:
+        raise CaptureError("score mode: the teacher tokenizer has no eos_token; cannot end the reference responses")
+    out = []
+    for p in prompts:
+        refs = p.get("references") or []
+        if not refs or not refs[0].strip():
+            raise CaptureError(
+                f"example {p['example_id']}: score mode needs a non-empty first reference; "
+                "set data.reference_field or use teacher.mode=generate"
+            )
+        ids = tokenizer(prefix + refs[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append({**p, "response_ids": ids})
+    return out
 
 
 def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, Any], out_dir: Path,
@@ -65,19 +90,26 @@ def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, 
 
     ensure_ray(ray_address)
     plans = {
-        "train": (prepared["train_split"], dict(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples_per_prompt)),
-        "eval": (prepared["eval_split"], dict(temperature=0.0, top_p=1.0, n=1)),
+        "train": (prepared["train_split"], cfg.mode, dict(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples_per_prompt)),
+        "eval": (prepared["eval_split"], "generate", dict(temperature=0.0, top_p=1.0, n=1)),
     }
+    work = []
+    for role, (split, mode, sampling) in plans.items():
+        prompts = read_prompts(prepared["splits"][split]["path"])
+        if mode == "score":
+            sampling = {}
+            prompts = reference_prompts(prompts, load_tokenizer(teacher_dir, cfg.engine.trust_remote_code), cfg.reference_prefix)
+        else:
+            sampling = {**sampling, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.engine.seed}
+        work.append((role, split, mode, sampling, prompts))
     actor_cls = ray.remote(num_cpus=1)(TeacherReplica)
     replica = actor_cls.remote(teacher_dir, cfg)
     manifests = {}
     try:
-        for role, (split, sampling) in plans.items():
-            sampling = {**sampling, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.engine.seed}
-            metadata = label_metadata(cfg, teacher_dir, split, sampling)
-            prompts = read_prompts(prepared["splits"][split]["path"])
+        for role, split, mode, sampling, prompts in work:
+            metadata = label_metadata(cfg, teacher_dir, split, sampling, mode)
             manifest, lines = ray.get(
-                replica.capture.remote(prompts, str(out_dir / role), split, metadata, cfg.shard_rows, sampling)
+                replica.capture.remote(prompts, str(out_dir / role), split, metadata, cfg.shard_rows, sampling, mode)
             )
             for line in lines:
                 log_fn(line)
