@@ -112,6 +112,7 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
 
     per_worker, accum = config["batch_size"] // world, config["grad_accum_steps"]
     log_path = Path(config["out_dir"]) / "train_log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     start, tokens_seen = time.time(), 0
     for step in range(start_step, config["steps"]):
