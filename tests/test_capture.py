@@ -15,7 +15,7 @@ from storage.soft_labels import SoftLabelError
 K = 8
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def teacher(ray_local, tiny_student):
     import ray
 
