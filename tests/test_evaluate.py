@@ -35,7 +35,7 @@ def test_summarize_ratio_is_token_weighted_with_bootstrap_interval():
 def test_new_metrics_are_gateable():
     assert {"rouge_l_sampled", "perplexity"} <= set(METRIC_NAMES) and "perplexity" in LOWER_IS_BETTER
     assert known_metric_names(["arc_easy"]) == set(METRIC_NAMES) | {"lm_eval:arc_easy"}
-    cfg = PipelineConfig.model_validate({"promotion": {"gate": {"rules": [
+    cfg = PipelineConfig.model_validate({"eval": {"sample_seeds": 3}, "promotion": {"gate": {"rules": [
         {"metric": "perplexity", "kind": "no_regression", "higher_is_better": False, "tolerance": 0.5},
         {"metric": "rouge_l_sampled", "kind": "relative_to_teacher", "threshold": 0.9}]}}})
     assert [r.metric for r in cfg.promotion.gate.rules] == ["perplexity", "rouge_l_sampled"]
