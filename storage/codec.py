@@ -80,14 +80,19 @@ def _per_token(lengths: np.ndarray, width: int) -> np.ndarray:
 
 # --- plain-f32 --------------------------------------------------------------------------
 
-def _plain_encode(x: FlatLabels) -> Columns:
+def _fixed_width_encode(x: FlatLabels, id_dtype, value_dtype) -> Columns:
+    """Plain columns: ids and log-probs cast to fixed-width numpy types."""
     k = x.k
     return {
-        "topk_ids": (x.topk_ids.astype(np.int32).ravel(), _per_token(x.lengths, k)),
-        "topk_logprobs": (x.topk_logprobs.astype(np.float32).ravel(), _per_token(x.lengths, k)),
-        "token_logprob": (x.token_logprob.astype(np.float32), _per_token(x.lengths, 1)),
-        "tail_logmass": (x.tail_logmass.astype(np.float32), _per_token(x.lengths, 1)),
+        "topk_ids": (x.topk_ids.astype(id_dtype).ravel(), _per_token(x.lengths, k)),
+        "topk_logprobs": (x.topk_logprobs.astype(value_dtype).ravel(), _per_token(x.lengths, k)),
+        "token_logprob": (x.token_logprob.astype(value_dtype), _per_token(x.lengths, 1)),
+        "tail_logmass": (x.tail_logmass.astype(value_dtype), _per_token(x.lengths, 1)),
     }
+
+
+def _plain_encode(x: FlatLabels) -> Columns:
+    return _fixed_width_encode(x, np.int32, np.float32)
 
 
 def _plain_decode(cols: dict[str, np.ndarray], response_ids: np.ndarray, lengths: np.ndarray, k: int) -> FlatLabels:
@@ -105,13 +110,7 @@ def _plain_decode(cols: dict[str, np.ndarray], response_ids: np.ndarray, lengths
 # --- baseline: uint32 ids + float16 log-probs -------------------------------------------
 
 def _baseline_encode(x: FlatLabels) -> Columns:
-    k = x.k
-    return {
-        "topk_ids": (x.topk_ids.astype(np.uint32).ravel(), _per_token(x.lengths, k)),
-        "topk_logprobs": (x.topk_logprobs.astype(np.float16).ravel(), _per_token(x.lengths, k)),
-        "token_logprob": (x.token_logprob.astype(np.float16), _per_token(x.lengths, 1)),
-        "tail_logmass": (x.tail_logmass.astype(np.float16), _per_token(x.lengths, 1)),
-    }
+    return _fixed_width_encode(x, np.uint32, np.float16)
 
 
 # --- compact-v1 -------------------------------------------------------------------------
