@@ -21,12 +21,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/stillhouse demo
 
-# Two pytest processes: in one process the full suite died silently after the
-# vLLM/Ray-heavy modules (under investigation); the training tests pass alone.
-TRAIN_TESTS := tests/test_train.py tests/test_train_driver_kill.py
 test: setup
-	$(PY) -m pytest -q $(addprefix --ignore=,$(TRAIN_TESTS))
-	$(PY) -m pytest -q $(TRAIN_TESTS)
+	$(PY) -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)

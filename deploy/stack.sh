@@ -33,7 +33,16 @@ up() {
     sleep 1
   done
   curl -fs "$PREFECT_API_URL/health" > /dev/null || { echo "Prefect server did not start; see $STACK/server.log" >&2; exit 1; }
-  "$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" --include-dashboard=false --disable-usage-stats > "$STACK/ray.log" 2>&1
+  # --block keeps `ray start` in the foreground as the head's supervisor: stopping its
+  # process group stops this head only (`ray stop` would kill every Ray cluster on the machine).
+  setsid "$BIN/ray" start --head --block --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    --include-dashboard=false --disable-usage-stats > "$STACK/ray.log" 2>&1 &
+  echo $! > "$STACK/ray.pid"
+  for _ in $(seq 1 120); do
+    "$BIN/ray" status --address "127.0.0.1:$RAY_PORT" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  "$BIN/ray" status --address "127.0.0.1:$RAY_PORT" > /dev/null 2>&1 || { echo "Ray head did not start; see $STACK/ray.log" >&2; exit 1; }
   export RAY_ADDRESS=127.0.0.1:$RAY_PORT
   "$BIN/prefect" work-pool create stillhouse-process --type process > /dev/null 2>&1 || true
   STILLHOUSE_REPO=$REPO "$BIN/prefect" --no-prompt deploy --all --prefect-file deploy/prefect.yaml > "$STACK/deploy.log" 2>&1 \
@@ -46,13 +55,19 @@ up() {
 }
 
 down() {
-  for name in worker server; do
-    if [ -f "$STACK/$name.pid" ]; then
-      kill -TERM -- "-$(cat "$STACK/$name.pid")" 2> /dev/null || true
-      rm -f "$STACK/$name.pid"
-    fi
+  # Stop each service's whole process group (TERM, then KILL after 30 s); nothing else is touched.
+  for name in worker server ray; do
+    pidfile=$STACK/$name.pid
+    [ -f "$pidfile" ] || continue
+    pgid=$(cat "$pidfile")
+    kill -TERM -- "-$pgid" 2> /dev/null || true
+    for _ in $(seq 1 30); do
+      pgrep -g "$pgid" -r R,S,D,T > /dev/null || break  # zombies (Z) are gone, just not yet reaped
+      sleep 1
+    done
+    kill -KILL -- "-$pgid" 2> /dev/null || true
+    rm -f "$pidfile"
   done
-  "$BIN/ray" stop --force > /dev/null 2>&1 || true
   echo "stack stopped"
 }
 
