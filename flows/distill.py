@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.atomic import sha256_json, write_json
 from tasks.config import PipelineConfig
+from tasks.ray_logs import ray_output_to
 
 
 def _log():
@@ -70,8 +71,9 @@ def teacher_labels(config: PipelineConfig, prepared: dict[str, Any]) -> dict[str
     if done is not None:
         _log()(f"teacher: reusing finished labels {out_dir} (same teacher, prompts and settings)")
         return {**done, "key": key, "reused": True}
-    manifests = run_teacher_stage(config.teacher, prepared["teacher_dir"], prepared, out_dir,
-                                  ray_address=config.train.ray_address, log_fn=_log())
+    with ray_output_to(_log()):
+        manifests = run_teacher_stage(config.teacher, prepared["teacher_dir"], prepared, out_dir,
+                                      ray_address=config.train.ray_address, log_fn=_log())
     return {**manifests, "key": key, "reused": False}
 
 
@@ -87,7 +89,8 @@ def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict
     if done.exists() and (out_dir / "student" / "config.json").exists():
         _log()(f"train: reusing finished student {out_dir / 'student'} (same labels, student and settings)")
         return {**json.loads(done.read_text()), "reused": True}
-    result = {**run_train_stage(config.train, prepared["student_dir"], labels["train"], out_dir, log_fn=_log()), "key": key}
+    with ray_output_to(_log()):
+        result = {**run_train_stage(config.train, prepared["student_dir"], labels["train"], out_dir, log_fn=_log()), "key": key}
     write_json(done, result)
     return {**result, "reused": False}
 
@@ -105,8 +108,9 @@ def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str,
         result = {**json.loads(done.read_text()), "reused": True}
         _log()(f"eval: reusing finished evaluation {out_dir}")
     else:
-        result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], eval_split["path"], out_dir,
-                                ray_address=config.train.ray_address, log_fn=_log())
+        with ray_output_to(_log()):
+            result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], eval_split["path"], out_dir,
+                                    ray_address=config.train.ray_address, log_fn=_log())
         write_json(done, result)
         result = {**result, "reused": False}
     rows = []
@@ -121,7 +125,7 @@ def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str,
 
 @task(name="gate-and-promote")
 def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any], trained: dict[str, Any],
-                     evaluated: dict[str, Any], run_dir: str) -> dict[str, Any]:
+                     evaluated: dict[str, Any], run_dir: str, reused_stages: list[str]) -> dict[str, Any]:
     from storage import soft_labels
     from storage.registry import ModelRegistry
     from tasks.approval import request_approval
@@ -136,6 +140,7 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
         "soft_labels_manifest_sha256": sha256_json(soft_labels.load_manifest(labels["train"])["shards"]),
         "eval_set_sha256": prepared["splits"][prepared["eval_split"]]["sha256"],
         "train_config": config.train.model_dump(),
+        "train_key": trained["key"],
         "code_version": _code_version(),
     }
     approve = (lambda record: request_approval(record, config.promotion.approval_timeout_s)) if config.promotion.require_approval else None
@@ -146,7 +151,8 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
     metrics_file = Path(evaluated["metrics_file"])
     report = write_report(Path(run_dir), evaluated["metrics"], decision, champion_metrics, Path(trained["log"]),
                           files={"eval/metrics.json": metrics_file, "eval/generations.jsonl": metrics_file.parent / "generations.jsonl",
-                                 "student checkpoint": trained["checkpoint"], "labels (train manifest)": labels["train"]})
+                                 "student checkpoint": trained["checkpoint"], "labels (train manifest)": labels["train"]},
+                          reused_stages=reused_stages)
     create_markdown_artifact(key="run-report", markdown=report["markdown"])
     create_table_artifact(key="run-comparison", table=report["table"])
     decision["report"] = {"md": report["report_md"], "png": report["report_png"]}
@@ -177,7 +183,12 @@ def distill(config: PipelineConfig = PipelineConfig()) -> str:
     labels = teacher_labels(config, prepared)
     trained = train_student(config, prepared, labels)
     evaluated = evaluate(config, prepared, labels, trained)
-    decision = gate_and_promote(config, prepared, labels, trained, evaluated, str(run_dir))
+    stages = {"teacher-labels": labels, "train-student": trained, "evaluate": evaluated}
+    reused = [name for name, out in stages.items() if out["reused"]]
+    if len(reused) == len(stages):
+        get_run_logger().info("nothing new since an earlier run (same data, teacher, student and settings): "
+                              "labels, student and evaluation all reused from the stage cache")
+    decision = gate_and_promote(config, prepared, labels, trained, evaluated, str(run_dir), reused)
 
     run = {
         "run_name": run_name,
@@ -189,7 +200,7 @@ def distill(config: PipelineConfig = PipelineConfig()) -> str:
         "metrics_file": evaluated["metrics_file"],
         "metrics": {who: {m: s["value"] for m, s in evaluated["metrics"][who].items()} for who in ("student", "teacher")},
         "decision": decision,
-        "reused_stages": [name for name, out in (("teacher-labels", labels), ("train-student", trained), ("evaluate", evaluated)) if out["reused"]],
+        "reused_stages": reused,
         "wall_seconds": round(time.time() - started, 1),
     }
     path = write_json(run_dir / "run.json", run)

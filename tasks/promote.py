@@ -16,6 +16,15 @@ def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: st
     (and, when `approve` is given, a person approves)."""
     registry = ModelRegistry(Path(registry_dir))
     champion = registry.alias("champion")
+    same = _registered_with_train_key(registry, lineage.get("train_key"))
+    if same is not None and champion is not None and champion.version == same.version:
+        # A scheduled run with nothing new: the student is the champion already; no second copy, no self-comparison.
+        record = {"promoted": False, "rules": same.decision.get("rules", []), "champion_before": champion.version,
+                  "champion_after": champion.version, "version": same.version, "registry_path": same.path, "already_registered": True,
+                  "summary": f"no new student: {same.version} was trained from the same labels, student and settings "
+                             "and is already the champion; registry unchanged"}
+        log_fn(f"gate: {record['summary']}")
+        return record
     champion_metrics = champion.metrics.get("student", {}) if champion else None
     decision = evaluate_gate(cfg.gate, student=metrics["student"], teacher=metrics.get("teacher"), champion=champion_metrics)
     record = decision.model_dump()
@@ -33,7 +42,10 @@ def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: st
                                       champion=now.metrics.get("student", {}) if now else None)
                 record.update({k: v for k, v in again.model_dump().items() if k in ("promoted", "rules", "summary")})
                 record["champion_before"] = now.version if now else None
-    entry = registry.register(student_dir, lineage=lineage, metrics=metrics, decision=record)
+    # The same student evaluated again (e.g. after the gate rules changed) keeps its version: no second copy.
+    entry = same if same is not None else registry.register(student_dir, lineage=lineage, metrics=metrics, decision=record)
+    if same is not None:
+        record["already_registered"] = True
     registry.set_alias("challenger", entry.version, reason="latest evaluated student")
     if record["promoted"]:
         registry.promote(entry.version, reason=record["summary"])
@@ -44,3 +56,10 @@ def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: st
         log_fn(f"gate: {'PASS' if rule.passed else 'FAIL'} {rule.name}: {rule.reason}")
     log_fn(f"gate: {'promoted' if record['promoted'] else 'not promoted'} {entry.version} — {record['summary']}")
     return record
+
+
+def _registered_with_train_key(registry: ModelRegistry, train_key: str | None):
+    """The version trained from the same content-keyed training stage (same labels, student, settings), if any."""
+    if not train_key:
+        return None
+    return next((e for e in reversed(registry.versions()) if e.lineage.get("train_key") == train_key), None)

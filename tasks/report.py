@@ -17,7 +17,7 @@ COLORS = {"student": "#1f77b4", "teacher": "#7f7f7f", "champion": "#ff7f0e"}
 
 
 def write_report(run_dir: Path, metrics: dict, decision: dict, champion_metrics: dict | None, train_log: Path, *,
-                 files: Mapping[str, str | Path] | None = None) -> dict:
+                 files: Mapping[str, str | Path] | None = None, reused_stages: list[str] | None = None) -> dict:
     """Write <run_dir>/report.md and <run_dir>/report.png.
 
     metrics: the evaluation's metrics.json content ({"student": {...}, "teacher": {...}, ...});
@@ -25,7 +25,8 @@ def write_report(run_dir: Path, metrics: dict, decision: dict, champion_metrics:
     champion_metrics: the champion's student metrics before this run (or its whole metrics dict), None if none;
     train_log: train_log.jsonl (one JSON object per logged step: step, loss, loss_<part>, ...);
     files: extra or overriding links {label: path} (e.g. {"eval/metrics.json": evaluated["metrics_file"]} when
-    stage outputs live outside the run folder); by default the run-folder layout is linked where it exists.
+    stage outputs live outside the run folder); by default the run-folder layout is linked where it exists;
+    reused_stages: stages whose outputs came from the content-keyed cache (said in the report).
     Returns {"report_md", "report_png", "markdown", "table"}; "table" holds comparison_rows() for a Prefect table artifact."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +35,7 @@ def write_report(run_dir: Path, metrics: dict, decision: dict, champion_metrics:
     curve = read_train_log(train_log)
     png = run_dir / "report.png"
     _atomic_savefig(lambda path: plot_report(path, sides, curve, champion_label=_champion_label(decision)), png)
-    markdown = render_markdown(run_dir, metrics, decision, champion, train_log, png, files)
+    markdown = render_markdown(run_dir, metrics, decision, champion, train_log, png, files, reused_stages)
     md = run_dir / "report.md"
     tmp = tmp_path_for(md)
     tmp.write_text(markdown)
@@ -118,7 +119,7 @@ def _cell(text: Any) -> str:
 
 
 def render_markdown(run_dir: Path, metrics: Mapping, decision: Mapping, champion: Mapping | None, train_log: Path, png: Path,
-                    files: Mapping[str, str | Path] | None = None) -> str:
+                    files: Mapping[str, str | Path] | None = None, reused_stages: list[str] | None = None) -> str:
     sides = {"student": metrics.get("student", {}), "teacher": metrics.get("teacher", {}), "champion": champion}
     version = decision.get("version", "?")
     verdict = "Promoted" if decision.get("promoted") else "Not promoted"
@@ -130,6 +131,9 @@ def render_markdown(run_dir: Path, metrics: Mapping, decision: Mapping, champion
         lines += [f"Approval: {'approved' if approval.get('approved') else 'not approved'} by {who}"
                   + (f" — {approval['comment']}" if approval.get("comment") else ""), ""]
     lines += [f"Champion before: {decision.get('champion_before') or 'none'}; after: {decision.get('champion_after') or 'none'}.", ""]
+    if reused_stages is not None:
+        lines += [("Reused from the stage cache (same inputs and settings as an earlier run): " + ", ".join(reused_stages) + "."
+                   if reused_stages else "Every stage ran; nothing was reused from the stage cache."), ""]
 
     lines += ["## Metrics", "",
               f"Held-out examples: {metrics.get('num_examples', '?')}. Each cell: value [95% CI] (n). "

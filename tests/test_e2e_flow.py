@@ -1,7 +1,8 @@
 """The real flow end to end: real vLLM (CPU), Ray Train, Prefect server and Parquet, on tiny models.
 
-Two runs share one data folder: a KD student, then a CE-only student gated
-against the first one as champion.
+Three runs share one data folder: a KD student, then a CE-only student gated
+against the first one as champion, then the CE run again with nothing new (a
+scheduled run): every stage comes from the cache and the registry is unchanged.
 """
 
 import json
@@ -30,12 +31,13 @@ def runs(tmp_path_factory, prefect_server, ray_local):
           "promotion": {"gate": {"rules": [{"metric": "exact_match", "kind": "absolute", "threshold": 0.0}]}}}
     ce = {**BASE, "data_dir": str(data_dir), "run_name": "ce", "train": {**BASE["train"], "objective": "ce"},
           "promotion": {"gate": {"rules": [{"metric": "rouge_l", "kind": "relative_to_champion", "margin": 0.0}]}}}
-    paths = [distill(PipelineConfig.model_validate(c)) for c in (kd, ce)]
+    again = {**ce, "run_name": "again"}
+    paths = [distill(PipelineConfig.model_validate(c)) for c in (kd, ce, again)]
     return data_dir, [json.loads(Path(p).read_text()) for p in paths]
 
 
 def test_run_json_points_at_existing_outputs(runs):
-    _, (kd, ce) = runs
+    _, (kd, ce, _) = runs
     for run in (kd, ce):
         for key in ("soft_labels_manifest", "student_checkpoint", "metrics_file"):
             assert Path(run[key]).exists(), key
@@ -46,7 +48,7 @@ def test_run_json_points_at_existing_outputs(runs):
 def test_soft_label_shards_satisfy_invariants(runs):
     from storage import soft_labels
 
-    _, (kd, _) = runs
+    _, (kd, _, _) = runs
     manifest = json.loads(Path(kd["soft_labels_manifest"]).read_text())
     k = manifest["metadata"]["k"]
     assert k == 8 and manifest["metadata"]["logprobs_mode"] == "raw_logprobs"
@@ -75,7 +77,7 @@ def test_soft_label_shards_satisfy_invariants(runs):
 
 
 def test_run_report_written(runs):
-    _, (kd, _) = runs
+    _, (kd, _, _) = runs
     report = Path(kd["run_dir"]) / "report.md"
     assert report.exists() and (Path(kd["run_dir"]) / "report.png").stat().st_size > 1000
     text = report.read_text()
@@ -86,7 +88,7 @@ def test_run_report_written(runs):
 def test_student_checkpoint_loads_in_transformers_and_ran_in_vllm(runs):
     from transformers import AutoModelForCausalLM
 
-    _, (kd, _) = runs
+    _, (kd, _, _) = runs
     ckpt = Path(kd["student_checkpoint"])
     assert (ckpt / "model.safetensors").exists() and not list(ckpt.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
@@ -97,7 +99,7 @@ def test_student_checkpoint_loads_in_transformers_and_ran_in_vllm(runs):
 
 
 def test_metrics_have_intervals_and_match_generations(runs):
-    _, (kd, _) = runs
+    _, (kd, _, _) = runs
     metrics = json.loads(Path(kd["metrics_file"]).read_text())
     gens = [json.loads(line) for line in (Path(kd["metrics_file"]).parent / "generations.jsonl").read_text().splitlines()]
     em = metrics["student"]["exact_match"]
@@ -110,7 +112,7 @@ def test_metrics_have_intervals_and_match_generations(runs):
 def test_decisions_follow_the_rules_and_registry(runs):
     from storage.registry import ModelRegistry
 
-    data_dir, (kd, ce) = runs
+    data_dir, (kd, ce, _) = runs
     assert kd["decision"]["promoted"] is True  # exact_match >= 0.0 always holds
     expected = ce["metrics"]["student"]["rouge_l"] >= kd["metrics"]["student"]["rouge_l"]
     assert ce["decision"]["promoted"] is expected
@@ -133,3 +135,15 @@ def test_prefect_artifacts_recorded(runs):
             return {a.key for a in arts}
 
     assert asyncio.run(keys()) == {"eval-metrics", "run-report", "run-comparison"}
+
+
+def test_rerun_with_nothing_new_reuses_every_stage_and_keeps_the_registry(runs):
+    from storage.registry import ModelRegistry
+
+    data_dir, (_, ce, again) = runs
+    assert again["reused_stages"] == ["teacher-labels", "train-student", "evaluate"]
+    assert again["soft_labels_manifest"] == ce["soft_labels_manifest"] and again["student_checkpoint"] == ce["student_checkpoint"]
+    assert again["decision"]["already_registered"] is True and again["decision"]["version"] == "v0002"
+    assert [v.version for v in ModelRegistry(data_dir / "registry").versions()] == ["v0001", "v0002"]
+    report = Path(again["decision"]["report"]["md"]).read_text()
+    assert "Reused from the stage cache (same inputs and settings as an earlier run): teacher-labels, train-student, evaluate." in report

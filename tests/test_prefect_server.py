@@ -3,6 +3,7 @@ deploy/prefect.yaml, a run triggered through the REST API with non-default param
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -34,6 +35,70 @@ def stack(tmp_path_factory):
         yield api, data, env
     finally:
         subprocess.run([str(REPO / "deploy" / "stack.sh"), "down"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_state(api: str, run_id: str, types: tuple[str, ...], timeout: float = 900) -> dict:
+    deadline = time.time() + timeout
+    state = None
+    while time.time() < deadline:
+        state = HTTP.get(f"{api}/flow_runs/{run_id}").json()["state"]
+        if state["type"] in types:
+            return state
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not reach {types} in {timeout}s; last state {state}")
+
+
+def _run_logs(api: str, run_id: str) -> list[str]:
+    messages, offset = [], 0
+    while True:
+        page = HTTP.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset}).json()
+        messages += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return messages
+        offset += 200
+
+
+def _flow_run_processes(run_id: str) -> list[int]:
+    """The flow-run process the worker started for this run, and its children (they inherit its environment)."""
+    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _sigkill_flow_run(api: str, run_id: str) -> None:
+    pids = _flow_run_processes(run_id)
+    assert pids, "no process carries this flow run's id"
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state = _wait_state(api, run_id, ("CRASHED", "FAILED", "COMPLETED"), timeout=180)
+    assert state["type"] in ("CRASHED", "FAILED"), f"killed too late: {state}"
+
+
+def _retry_like_the_ui(api: str, run_id: str) -> None:
+    """What the UI's Retry button sends (prefect-ui RetryFlowRunDialog)."""
+    response = HTTP.post(f"{api}/flow_runs/{run_id}/set_state",
+                         json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True})
+    response.raise_for_status()
+
+
+def _poll(predicate, what: str, timeout: float = 600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _deployment_id(api: str) -> str:
@@ -78,6 +143,73 @@ def test_run_triggered_through_the_api_completes(stack):
     assert config["train"]["objective"] == "akl+ce"
     artifacts = HTTP.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     assert {a["key"] for a in artifacts} >= {"eval-metrics", "run-report", "run-comparison"}
+    logs = "\n".join(_run_logs(api, run_id))
+    assert "[TeacherReplica" in logs and "teacher: train shard 1/2" in logs, "teacher actor output missing from the run log"
+    assert "train: step 6/6" in logs, "trainer output missing from the run log"
+
+
+def test_sigkill_during_capture_and_training_then_ui_retry_resumes(stack):
+    """Kill the flow-run process mid-capture, Retry as the UI does, kill it again mid-training, Retry again:
+    finished shards and checkpoints are reused, no label row is lost or duplicated."""
+    api, data, _ = stack
+    params = {"config": {"run_name": "killed", "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20},
+                         "teacher": {"top_k": 5, "max_new_tokens": 10, "shard_rows": 8},
+                         "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "objective": "fkl+ce"},
+                         "eval": {"max_new_tokens": 10},
+                         "promotion": {"gate": {"rules": [{"metric": "rouge_l", "kind": "absolute", "threshold": 0.0}]}}}}
+    # Test hooks, for this run only: pause after each shard and each step so the kills land mid-stage.
+    slow = {"env": {"STILLHOUSE_TEST_SHARD_SLEEP": "3", "STILLHOUSE_TEST_STEP_SLEEP": "2"}}
+    before = set((data / "cache" / "labels").glob("*"))
+    trained_before = set((data / "cache" / "train").glob("*"))
+    response = HTTP.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", json={"parameters": params, "job_variables": slow})
+    response.raise_for_status()
+    run_id = response.json()["id"]
+
+    # 1. Killed while the teacher writes its training shards (6 of 8 rows each).
+    def two_train_shards():
+        new = [d for d in (data / "cache" / "labels").glob("*") if d not in before]
+        shards = sorted(new[0].glob("train/shard-*.parquet")) if new else []
+        return (new[0], shards) if len(shards) >= 2 else None
+
+    labels_dir, _ = _poll(two_train_shards, "two finished training shards")
+    _sigkill_flow_run(api, run_id)
+    assert not (labels_dir / "train" / "manifest.json").exists(), "killed too late: the capture had finished"
+    finished = {p.name: p.stat().st_mtime_ns for p in (labels_dir / "train").glob("shard-*.parquet")}
+    _retry_like_the_ui(api, run_id)
+
+    # 2. Killed again after the trainer saved a checkpoint.
+    def train_log_at_step_three():
+        logs = [d / "train_log.jsonl" for d in (data / "cache" / "train").glob("*") if d not in trained_before]
+        steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines()] if logs and logs[0].exists() else []
+        return logs[0] if steps and max(steps) >= 3 else None
+
+    train_log = _poll(train_log_at_step_three, "training past its first checkpoint")
+    _sigkill_flow_run(api, run_id)
+    assert not (train_log.parent / "student").exists(), "killed too late: training had finished"
+    _retry_like_the_ui(api, run_id)
+
+    state = _wait_state(api, run_id, ("COMPLETED", "FAILED", "CRASHED"))
+    assert state["type"] == "COMPLETED", state
+    logs = "\n".join(_run_logs(api, run_id))
+
+    # Capture: shards finished before the kill were reused as they were; the manifest covers every prompt once.
+    for name, mtime in finished.items():
+        assert (labels_dir / "train" / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    assert f"teacher: train shard {len(finished)}/6 already complete, skipped" in logs
+    from storage import soft_labels
+
+    manifest = soft_labels.load_manifest(labels_dir / "train" / "manifest.json")
+    assert [shard["rows"] for shard in manifest["shards"]] == [8] * 6
+    rows = list(soft_labels.read(labels_dir / "train" / "manifest.json"))
+    assert len(rows) == 48 and len({r["sample_id"] for r in rows}) == 48
+    assert len({r["example_id"] for r in rows}) == 48
+
+    # Training: resumed from its checkpoint, not from step 1, and finished all steps.
+    assert "train: resumed from checkpoint at step" in logs
+    steps = [json.loads(line)["step"] for line in train_log.read_text().splitlines()]
+    assert steps[-1] == 8 and len(steps) < 8 + 8
+    run = json.loads((data / "runs" / "killed" / "run.json").read_text())
+    assert run["soft_labels_manifest"] == str(labels_dir / "train" / "manifest.json")
 
 
 def test_stack_down_stops_its_own_services_and_nothing_else(stack):

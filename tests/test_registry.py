@@ -243,3 +243,31 @@ def test_cli_list_show_promote_rollback(tmp_path, capsys, monkeypatch):
     assert registry_main(["list", "--registry", str(tmp_path / "missing")]) == 1
     assert not (tmp_path / "missing").exists(), "read commands must not create a registry at a mistyped path"
     assert registry_main(["frobnicate"]) == 2
+
+
+def _promotion(tmp_path, train_key: str, exact_match: float, threshold: float = 0.5):
+    from tasks.config import PromotionConfig
+    from tasks.promote import run_promotion_stage
+
+    cfg = PromotionConfig.model_validate({"gate": {"rules": [{"metric": "exact_match", "kind": "absolute", "threshold": threshold}]}})
+    metrics = {"student": {"exact_match": {"value": exact_match, "ci_low": exact_match, "ci_high": exact_match, "n": 10}}}
+    student = make_model(tmp_path / f"student-{train_key}", train_key)
+    return run_promotion_stage(cfg, str(tmp_path / "reg"), str(student), metrics, {"train_key": train_key}, log_fn=lambda _: None)
+
+
+def test_same_student_again_is_not_registered_twice(tmp_path):
+    first = _promotion(tmp_path, "k1", 0.8)
+    assert first["promoted"] and first["version"] == "v0001"
+    # A scheduled run with nothing new: same training key, already champion -> registry unchanged.
+    again = _promotion(tmp_path, "k1", 0.8)
+    assert again["promoted"] is False and again["already_registered"] and again["version"] == "v0001"
+    assert "already the champion" in again["summary"]
+    reg = ModelRegistry(tmp_path / "reg")
+    assert [e.version for e in reg.versions()] == ["v0001"]
+    # A failing student, then the same student under laxer rules: promoted without a second copy.
+    failing = _promotion(tmp_path, "k2", 0.3)
+    assert failing["promoted"] is False and failing["version"] == "v0002"
+    relaxed = _promotion(tmp_path, "k2", 0.3, threshold=0.2)
+    assert relaxed["promoted"] and relaxed["version"] == "v0002" and relaxed["already_registered"]
+    assert ModelRegistry(tmp_path / "reg").alias("champion").version == "v0002"
+    assert [e.version for e in reg.versions()] == ["v0001", "v0002"]

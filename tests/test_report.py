@@ -105,7 +105,9 @@ def test_report_without_champion_or_training_log(run_dir, tmp_path):
     cached = tmp_path / "cache" / "eval" / "k1" / "metrics.json"  # stage outputs kept outside the run folder
     cached.parent.mkdir(parents=True)
     cached.write_text("{}")
-    out = write_report(run_dir, METRICS, decision, None, run_dir / "train" / "missing.jsonl", files={"eval/metrics.json": cached})
+    out = write_report(run_dir, METRICS, decision, None, run_dir / "train" / "missing.jsonl", files={"eval/metrics.json": cached},
+                       reused_stages=["teacher-labels", "train-student"])
+    assert "Reused from the stage cache (same inputs and settings as an earlier run): teacher-labels, train-student." in out["markdown"]
     assert "| [eval/metrics.json](../../cache/eval/k1/metrics.json) |" in out["markdown"]
     rows = {r[0]: r for r in _table(out["markdown"], "| metric |")}
     assert all(r[4] == "—" for r in rows.values())

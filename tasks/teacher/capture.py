@@ -18,6 +18,7 @@ regenerates only missing, corrupt or stale ones.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def inputs_key(prompts: list[dict[str, Any]], mode: str) -> str:
 
 
 def capture(llm, prompts: list[dict[str, Any]], out_dir: Path, *, split: str, metadata: dict[str, Any], shard_rows: int,
-            log_fn=print, mode: str = "generate", **sampling) -> Path:
+            log_fn=print, mode: str = "generate", pause_after_shard_s: float = 0.0, **sampling) -> Path:
     """Write shards for `prompts` under out_dir (skipping finished ones) and the manifest.
 
     Everything checkable is checked before the first shard; a shard is only
@@ -173,4 +174,6 @@ def capture(llm, prompts: list[dict[str, Any]], out_dir: Path, *, split: str, me
         rows = label_rows(llm, chunk, split=split, k=k, teacher_key=metadata["teacher_key"], **sampling)
         records.append(soft_labels.write_shard(out_dir, index, rows, metadata, inputs_key=key))
         log_fn(f"teacher: {split} shard {index + 1}/{num_shards}: {records[-1]['rows']} rows, {records[-1]['tokens']} tokens")
+        if pause_after_shard_s:  # tests only: lets a kill land between shards
+            time.sleep(pause_after_shard_s)
     return soft_labels.write_manifest(out_dir, records, metadata)

@@ -7,6 +7,7 @@ per replica, killed afterwards, which frees the engine's memory reliably.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,17 @@ class TeacherReplica:
 
         self.llm = build_engine(model_dir, cfg.engine, max_logprobs=cfg.top_k, logprobs_mode=cfg.logprobs_mode)
 
-    def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling, mode="generate"):
+    def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling, mode="generate", pause_after_shard_s=0.0):
         from tasks.teacher.capture import capture
 
         lines: list[str] = []
+
+        def log(line: str) -> None:  # printed as it happens: Ray forwards it to the driver (tasks.ray_logs: the run log)
+            print(line, flush=True)
+            lines.append(line)
+
         manifest = capture(self.llm, prompts, Path(out_dir), split=split, metadata=metadata, shard_rows=shard_rows,
-                           log_fn=lines.append, mode=mode, **sampling)
+                           log_fn=log, mode=mode, pause_after_shard_s=pause_after_shard_s, **sampling)
         return str(manifest), lines
 
 
@@ -108,12 +114,11 @@ def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, 
     try:
         for role, split, mode, sampling, prompts in work:
             metadata = label_metadata(cfg, teacher_dir, split, sampling, mode)
-            manifest, lines = ray.get(
-                replica.capture.remote(prompts, str(out_dir / role), split, metadata, cfg.shard_rows, sampling, mode)
+            manifests[role], _ = ray.get(
+                replica.capture.remote(prompts, str(out_dir / role), split, metadata, cfg.shard_rows, sampling, mode,
+                                       pause_after_shard_s=float(os.environ.get("STILLHOUSE_TEST_SHARD_SLEEP", 0)))  # tests only
             )
-            for line in lines:
-                log_fn(line)
-            manifests[role] = manifest
+            log_fn(f"teacher: {role} labels complete: {manifests[role]}")
     finally:
         ray.kill(replica)
     return manifests
