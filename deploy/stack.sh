@@ -55,20 +55,25 @@ up() {
 }
 
 down() {
-  # Stop each service's whole process group (TERM, then KILL after 30 s); nothing else is touched.
+  # Stop each service's whole process group: TERM, then KILL after 20 s; nothing else is touched.
   for name in worker server ray; do
     pidfile=$STACK/$name.pid
     [ -f "$pidfile" ] || continue
     pgid=$(cat "$pidfile")
     kill -TERM -- "-$pgid" 2> /dev/null || true
-    for _ in $(seq 1 30); do
-      pgrep -g "$pgid" -r R,S,D,T > /dev/null || break  # zombies (Z) are gone, just not yet reaped
-      sleep 1
-    done
-    kill -KILL -- "-$pgid" 2> /dev/null || true
+    wait_gone "$pgid" 20 || { kill -KILL -- "-$pgid" 2> /dev/null || true; wait_gone "$pgid" 10 || true; }
     rm -f "$pidfile"
   done
   echo "stack stopped"
+}
+
+# wait_gone PGID SECONDS: true once no live (non-zombie) process is left in the group.
+wait_gone() {
+  for _ in $(seq 1 "$2"); do
+    pgrep -g "$1" -r R,S,D,T > /dev/null || return 0
+    sleep 1
+  done
+  ! pgrep -g "$1" -r R,S,D,T > /dev/null
 }
 
 case "${1:-}" in
