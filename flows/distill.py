@@ -98,10 +98,11 @@ def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict
 @task(name="evaluate")
 def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     from tasks.evaluate.stage import run_eval_stage
-    from tasks.identity import stage_key
+    from tasks.identity import model_identity, stage_key
 
     eval_split = prepared["splits"][prepared["eval_split"]]
-    key = stage_key("eval", eval=config.eval.model_dump(), student=trained["key"], labels=labels["key"], prompts=eval_split["sha256"])
+    key = stage_key("eval", eval=config.eval.model_dump(), student=trained["key"], labels=labels["key"], prompts=eval_split["sha256"],
+                    teacher_model=model_identity(prepared["teacher_dir"]))
     out_dir = Path(config.data_dir).resolve() / "cache" / "eval" / key
     done = out_dir / "done.json"
     if done.exists():
@@ -110,7 +111,7 @@ def evaluate(config: PipelineConfig, prepared: dict[str, Any], labels: dict[str,
     else:
         with ray_output_to(_log()):
             result = run_eval_stage(config.eval, trained["checkpoint"], labels["eval"], eval_split["path"], out_dir,
-                                    ray_address=config.train.ray_address, log_fn=_log())
+                                    ray_address=config.train.ray_address, log_fn=_log(), teacher_dir=prepared["teacher_dir"])
         write_json(done, result)
         result = {**result, "reused": False}
     rows = []

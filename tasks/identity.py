@@ -13,7 +13,7 @@ from typing import Any
 
 from storage.atomic import sha256_json
 
-STAGE_VERSIONS = {"labels": 1, "train": 1, "eval": 1}
+STAGE_VERSIONS = {"labels": 1, "train": 1, "eval": 2}  # eval 2: teacher perplexity and sampled ROUGE-L
 
 
 def model_identity(model_dir: str) -> str:

@@ -199,9 +199,11 @@ def test_eval_stage_writes_new_metrics_and_records_skips(tmp_path, monkeypatch, 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     logs = []
     cfg = EvalConfig(sample_seeds=2, lm_eval_tasks=["arc_easy"], max_new_tokens=4)
-    result = stage.run_eval_stage(cfg, tiny_student, str(eval_manifest), str(prompts_path), tmp_path / "eval", log_fn=logs.append)
+    # The tiny student doubles as the teacher: its teacher-side numbers must equal the student-side ones.
+    result = stage.run_eval_stage(cfg, tiny_student, str(eval_manifest), str(prompts_path), tmp_path / "eval", log_fn=logs.append,
+                                  teacher_dir=tiny_student)
 
-    assert calls == [[10, 20]]  # one engine call with both seeds
+    assert calls == [[10, 20], [10, 20]]  # one engine call with both seeds per model
     metrics = json.loads(Path(result["metrics_file"]).read_text())
     student = metrics["student"]
     assert student["exact_match"]["value"] == 1.0
@@ -211,11 +213,14 @@ def test_eval_stage_writes_new_metrics_and_records_skips(tmp_path, monkeypatch, 
     ppl = student["perplexity"]
     assert ppl["n"] == n and ppl["value"] > 1 and ppl["ci_low"] <= ppl["value"] <= ppl["ci_high"]
     assert metrics["sampling"]["seeds"] == [10, 20] and metrics["sampling"]["temperature"] == 1.0
+    assert metrics["sampling"]["who"] == "student and teacher"
+    teacher = metrics["teacher"]
+    assert teacher["perplexity"] == ppl and teacher["rouge_l_sampled"] == student["rouge_l_sampled"]
     assert metrics["lm_eval"]["status"] == "skipped" and "not installed" in metrics["lm_eval"]["reason"]
     assert not any(k.startswith("lm_eval:") for k in student)
     assert any("SKIPPED" in m for m in logs)
     gens = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
-    assert len(gens) == n and all(len(g["student_sampled"]) == 2 for g in gens)
+    assert len(gens) == n and all(len(g["student_sampled"]) == 2 and len(g["teacher_sampled"]) == 2 for g in gens)
 
 
 def test_eval_stage_default_is_greedy_only(tmp_path, monkeypatch, tiny_student, tiny_labels):

@@ -20,7 +20,9 @@ from tasks.models import load_tokenizer
 
 
 def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str, prompts_path: str, out_dir: Path,
-                   ray_address: str | None = None, log_fn=print) -> dict[str, Any]:
+                   ray_address: str | None = None, log_fn=print, teacher_dir: str | None = None) -> dict[str, Any]:
+    """Student metrics, and the teacher's on the same prompts: greedy answers come from its held-out labels;
+    with `teacher_dir`, also its sampled answers (one engine start) and the perplexity of the references."""
     from tasks.ray_runtime import ensure_ray
 
     ensure_ray(ray_address)
@@ -46,9 +48,18 @@ def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str
     student.update({m: summarize([r[m] for r in dist_rows]) for m in ("kl_to_teacher", "reverse_kl_to_teacher", "top1_agreement")})
     student["perplexity"] = summarize_ratio([r["nll"] for r in nll_rows], [r["tokens"] for r in nll_rows], transform=np.exp)
     teacher = {m: summarize([r[m] for r in teacher_rows]) for m in ("exact_match", "rouge_l")}
+    teacher_sampled = None
+    if teacher_dir is not None:
+        if seeds:
+            teacher_gen = generate_student(teacher_dir, cfg.engine, [p["prompt_ids"] for p in prompts], cfg.max_new_tokens, seeds)
+            teacher_sampled = score_sampled(tokenizer, prompts, teacher_gen["sampled"])
+            teacher["rouge_l_sampled"] = summarize([r["rouge_l_sampled"] for r in teacher_sampled])
+        teacher_nll = reference_nll(teacher_dir, prompts)
+        teacher["perplexity"] = summarize_ratio([r["nll"] for r in teacher_nll], [r["tokens"] for r in teacher_nll], transform=np.exp)
     metrics: dict[str, Any] = {"student": student, "teacher": teacher, "num_examples": len(prompts)}
     if seeds:
-        metrics["sampling"] = {"seeds": seeds, "temperature": SAMPLE_TEMPERATURE, "top_p": 1.0, "who": "student"}
+        metrics["sampling"] = {"seeds": seeds, "temperature": SAMPLE_TEMPERATURE, "top_p": 1.0,
+                               "who": "student and teacher" if teacher_sampled is not None else "student"}
     if cfg.lm_eval_tasks:
         from tasks.evaluate.harness import run_lm_eval
 
@@ -64,6 +75,9 @@ def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str
             if sampled_rows is not None:
                 row["student_sampled"] = sampled_rows[i]["responses"]
                 row["student_rouge_l_sampled"] = sampled_rows[i]["rouge_l_sampled"]
+            if teacher_sampled is not None:
+                row["teacher_sampled"] = teacher_sampled[i]["responses"]
+                row["teacher_rouge_l_sampled"] = teacher_sampled[i]["rouge_l_sampled"]
             f.write(json.dumps(row) + "\n")
     metrics_file = write_json(out_dir / "metrics.json", metrics)
     log_fn("eval: student " + ", ".join(f"{m} {v['value']:.3f}" for m, v in student.items())
