@@ -62,6 +62,11 @@ def cmd_run(args) -> int:
         ray.shutdown()
     except Exception:
         pass
+    # Keep the run.json path the last line: quiet Prefect's shutdown chatter (its temporary server
+    # logs "Stopping temporary server" at exit), warnings still show.
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     sys.stderr.flush()
     print(run_json, flush=True)
     return 0
