@@ -19,6 +19,12 @@ i.e. tasks.demo.assets.ensure_demo_assets(Path(dir)).
        cross-position redundancy helps the codec (pessimistic); the id
        entropy is ~11.8 bits at 152k. A realised token outside the top-k gets
        a fresh Zipf id outside it.
+     * code-32k / code-152k (--code-lm): a real byte-level BPE vocabulary
+       (32,000 / 152,064 ids) and a small Llama trained briefly on the
+       Python sources of this virtualenv (bench/code_lm.py; built once,
+       ~15-30 min on 2 cores, then reused); exact top-k by teacher forcing
+       on held-out files. These are the realistic-vocabulary numbers: ids
+       with a real tokenizer's frequency structure, from a trained model.
    For each codec the labels are written with storage.soft_labels.write_shard
    and read back with storage.soft_labels.read. Reported: bytes per
    (token, entry) of the label columns (ids, log-probs, tail, realised
@@ -276,6 +282,9 @@ def main() -> None:
     parser.add_argument("--demo-dir", default=os.environ.get("STILLHOUSE_DATA_DIR", "stillhouse-data"))
     parser.add_argument("--teacher-steps", type=int, default=1000)
     parser.add_argument("--skip-capture", action="store_true", help="codec measurements only (no vLLM)")
+    parser.add_argument("--code-lm", action="store_true",
+                        help="also measure labels of small code LMs with 32k and 152k BPE vocabularies (built once under "
+                             "<demo-dir>/bench, slow the first time)")
     args = parser.parse_args()
     from tasks.demo.assets import ensure_demo_assets
 
@@ -286,6 +295,14 @@ def main() -> None:
     t0 = time.perf_counter()
     profiles = demo_profiles(assets, num_seqs, kmax=64)
     vocabs = {"demo": profiles, "zipf-32k": zipf_remap(profiles, 32_000, rng), "zipf-152k": zipf_remap(profiles, 152_064, rng)}
+    if args.code_lm:
+        from bench import code_lm
+
+        for vocab in (32_000, 152_064):
+            built = code_lm.build(Path(args.demo_dir) / "bench", vocab, corpus_mb=40 if vocab < 100_000 else 80,
+                                  steps=300 if vocab < 100_000 else 200)
+            vocabs[f"code-{vocab // 1000}k"] = code_lm.profiles(built, 300, 64)
+            report.setdefault("code_lm", {})[f"code-{vocab // 1000}k"] = vocabs[f"code-{vocab // 1000}k"]["model"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         report["codec"] = {}
