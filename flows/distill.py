@@ -59,12 +59,16 @@ def _labels_complete(out_dir: Path) -> dict[str, str] | None:
     return manifests
 
 
+# Where the teacher runs, not what it labels: changing these reuses finished labels.
+PLACEMENT_ONLY = {"replicas", "cpus_per_replica", "use_gpu"}
+
+
 @task(name="teacher-labels")
 def teacher_labels(config: PipelineConfig, prepared: dict[str, Any]) -> dict[str, str]:
     from tasks.identity import model_identity, stage_key
     from tasks.teacher.stage import run_teacher_stage
 
-    key = stage_key("labels", teacher=config.teacher.model_dump(), teacher_model=model_identity(prepared["teacher_dir"]),
+    key = stage_key("labels", teacher=config.teacher.model_dump(exclude=PLACEMENT_ONLY), teacher_model=model_identity(prepared["teacher_dir"]),
                     prompts={s: v["sha256"] for s, v in prepared["splits"].items()})
     out_dir = Path(config.data_dir).resolve() / "cache" / "labels" / key
     done = _labels_complete(out_dir)

@@ -84,6 +84,9 @@ class TeacherConfig(StageConfig):
     codec: Literal["compact-v1", "baseline", "plain-f32"] = Field(
         "compact-v1", description="Soft-label shard codec (storage/FORMAT.md): compact-v1 ~2 bytes per top-k entry, baseline uint32+float16, plain-f32 exact."
     )
+    replicas: int = Field(1, ge=1, description="Teacher engines (Ray actors) labelling shards in parallel (data parallel).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs reserved per teacher replica.")
+    use_gpu: bool = Field(False, description="Give each replica engine.tensor_parallel_size GPUs (vLLM on a GPU cluster).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
@@ -105,6 +108,7 @@ class TrainConfig(StageConfig):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1)
+    length_bucketing: bool = Field(True, description="Batch sequences of similar length together (within a shard) to cut padding.")
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")

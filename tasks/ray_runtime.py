@@ -24,3 +24,9 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {name: float(amount) for name, amount in ray.cluster_resources().items()}

@@ -81,3 +81,15 @@ def tiny_labels(tmp_path_factory, tiny_student):
             })
         records.append(soft_labels.write_shard(out, shard, rows, meta))
     return str(soft_labels.write_manifest(out, records, meta))
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_student):
+    from tasks.demo import task
+    from tasks.models import load_tokenizer
+    from tasks.prompting import format_prompt
+
+    tok = load_tokenizer(tiny_student)
+    examples = task.generate(sizes={"train": 5, "validation": 1, "test": 1})["train"]
+    return [{"example_id": f"train-{i}", "prompt_ids": tok(format_prompt(ex.prompt))["input_ids"],
+             "references": list(ex.references)} for i, ex in enumerate(examples)]

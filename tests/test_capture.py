@@ -28,18 +28,6 @@ def teacher(ray_local, tiny_student):
     ray.kill(actor)
 
 
-@pytest.fixture(scope="session")
-def prompts(tiny_student):
-    from tasks.demo import task
-    from tasks.models import load_tokenizer
-    from tasks.prompting import format_prompt
-
-    tok = load_tokenizer(tiny_student)
-    examples = task.generate(sizes={"train": 5, "validation": 1, "test": 1})["train"]
-    return [{"example_id": f"train-{i}", "prompt_ids": tok(format_prompt(ex.prompt))["input_ids"],
-             "references": list(ex.references)} for i, ex in enumerate(examples)]
-
-
 def _meta(**extra):
     return {"k": K, "tokenizer_hash": "tiny", "teacher_key": "test", "codec": "compact-v1", **extra}
 

@@ -30,13 +30,16 @@ def gradient_worker(config):
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
-    from tasks.train.loop import accumulate_gradients, load_worker_records
+    from storage import soft_labels
+    from tasks.train.loop import accumulate_gradients
     from tasks.train.runtime import RayRuntime
+    from tasks.train.stream import worker_shards
 
     runtime = RayRuntime()
     torch.set_num_threads(1)
     tok = load_tokenizer(config["student"])
-    records = load_worker_records(config["manifest"], runtime.rank, runtime.world, tokenizer_hash(tok), len(tok))
+    shards = worker_shards(len(soft_labels.load_manifest(config["manifest"])["shards"]), runtime.rank, runtime.world)
+    records = list(soft_labels.read(config["manifest"], expected_tokenizer_hash=tokenizer_hash(tok), vocab_size=len(tok), shards=shards))
     model = runtime.prepare_model(load_causal_lm(config["student"]))
     micro = [collate(records[i::2], tok.pad_token_id, 8) for i in range(2)]
     accumulate_gradients(model, build_objective("akl+ce"), micro, runtime)
@@ -138,3 +141,14 @@ def test_ray_train_survives_a_killed_worker(tiny_student, tiny_labels, tmp_path,
     a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "crashed")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_with_other_batch_settings_is_refused(tiny_student, tiny_labels, tmp_path):
+    """The checkpoint records where the data stood; a resume that would read other batches stops with a message."""
+    train(_config(tiny_student, tiny_labels, tmp_path / "a", steps=3), LocalRuntime(tmp_path / "ckpt"))
+    state = __import__("json").loads((tmp_path / "ckpt" / "step-3" / "trainer_state.json").read_text())
+    # 2 shards of 8 rows, batch 8: one batch per shard, so step 3 is epoch 1's second shard, batch 0.
+    assert state["data_position"]["epoch"] == 1 and state["data_position"]["batch"] == 0
+    assert (tmp_path / "ckpt" / "step-3" / "rng.safetensors").exists()
+    with pytest.raises(ValueError, match="data position"):
+        train(_config(tiny_student, tiny_labels, tmp_path / "b", steps=6, batch_size=4), LocalRuntime(tmp_path / "ckpt"))

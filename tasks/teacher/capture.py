@@ -150,30 +150,43 @@ def inputs_key(prompts: list[dict[str, Any]], mode: str) -> str:
     )[:16]
 
 
+def shard_chunks(prompts: list[dict[str, Any]], shard_rows: int) -> list[list[dict[str, Any]]]:
+    """The fixed split of prompts into shards: shard i always holds the same prompts."""
+    return [prompts[i : i + shard_rows] for i in range(0, max(1, len(prompts)), shard_rows)]
+
+
+def capture_shard(llm, chunk: list[dict[str, Any]], index: int, num_shards: int, out_dir: Path, *, split: str,
+                  metadata: dict[str, Any], log_fn=print, mode: str = "generate", pause_after_shard_s: float = 0.0,
+                  **sampling) -> dict[str, Any]:
+    """Label one shard unless a finished copy exists; return its sidecar record (the manifest entry)."""
+    out_dir = Path(out_dir)
+    key = inputs_key(chunk, mode)
+    done = soft_labels.finished_shard(out_dir, index, metadata, inputs_key=key)
+    if done is not None:
+        log_fn(f"teacher: {split} shard {index + 1}/{num_shards} already complete, skipped")
+        return done
+    label_rows = score_rows if mode == "score" else generate_rows
+    rows = label_rows(llm, chunk, split=split, k=int(metadata["k"]), teacher_key=metadata["teacher_key"], **sampling)
+    record = soft_labels.write_shard(out_dir, index, rows, metadata, inputs_key=key)
+    log_fn(f"teacher: {split} shard {index + 1}/{num_shards}: {record['rows']} rows, {record['tokens']} tokens")
+    if pause_after_shard_s:  # tests only: lets a kill land between shards
+        time.sleep(pause_after_shard_s)
+    return record
+
+
 def capture(llm, prompts: list[dict[str, Any]], out_dir: Path, *, split: str, metadata: dict[str, Any], shard_rows: int,
             log_fn=print, mode: str = "generate", pause_after_shard_s: float = 0.0, **sampling) -> Path:
-    """Write shards for `prompts` under out_dir (skipping finished ones) and the manifest.
+    """Write shards for `prompts` under out_dir (skipping finished ones) and the manifest, in one engine.
 
     Everything checkable is checked before the first shard; a shard is only
     taken for finished when its checksum, labelling setup and inputs match.
+    (Several engines: tasks.teacher.stage.capture_on_replicas.)
     """
-    out_dir = Path(out_dir)
-    k = int(metadata["k"])
-    check_request(llm, prompts, k=k, mode=mode, max_new_tokens=int(sampling.get("max_new_tokens", 0)))
-    label_rows = score_rows if mode == "score" else generate_rows
-    records = []
-    num_shards = max(1, -(-len(prompts) // shard_rows))
-    for index in range(num_shards):
-        chunk = prompts[index * shard_rows : (index + 1) * shard_rows]
-        key = inputs_key(chunk, mode)
-        done = soft_labels.finished_shard(out_dir, index, metadata, inputs_key=key)
-        if done is not None:
-            log_fn(f"teacher: {split} shard {index + 1}/{num_shards} already complete, skipped")
-            records.append(done)
-            continue
-        rows = label_rows(llm, chunk, split=split, k=k, teacher_key=metadata["teacher_key"], **sampling)
-        records.append(soft_labels.write_shard(out_dir, index, rows, metadata, inputs_key=key))
-        log_fn(f"teacher: {split} shard {index + 1}/{num_shards}: {records[-1]['rows']} rows, {records[-1]['tokens']} tokens")
-        if pause_after_shard_s:  # tests only: lets a kill land between shards
-            time.sleep(pause_after_shard_s)
-    return soft_labels.write_manifest(out_dir, records, metadata)
+    check_request(llm, prompts, k=int(metadata["k"]), mode=mode, max_new_tokens=int(sampling.get("max_new_tokens", 0)))
+    chunks = shard_chunks(prompts, shard_rows)
+    records = [
+        capture_shard(llm, chunk, index, len(chunks), out_dir, split=split, metadata=metadata, log_fn=log_fn, mode=mode,
+                      pause_after_shard_s=pause_after_shard_s, **sampling)
+        for index, chunk in enumerate(chunks)
+    ]
+    return soft_labels.write_manifest(Path(out_dir), records, metadata)

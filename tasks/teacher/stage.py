@@ -1,8 +1,10 @@
 """Teacher stage entry point: label the training prompts (sampled or scored) and the held-out prompts (greedy).
 
 The held-out labels double as the teacher's greedy answers for evaluation, so
-the teacher engine starts once per run. Engines live in Ray actors: one actor
-per replica, killed afterwards, which frees the engine's memory reliably.
+the teacher engines start once per run. Engines live in Ray actors, one per
+replica (data parallel: shards go to whichever replica is free), killed
+afterwards, which frees the engines' memory reliably. The driver writes the
+manifest once every shard is done, so a manifest always lists a whole capture.
 """
 
 from __future__ import annotations
@@ -21,10 +23,26 @@ from tasks.models import load_tokenizer, tokenizer_hash
 class TeacherReplica:
     """One vLLM engine holding the teacher; methods run inside a Ray actor."""
 
-    def __init__(self, model_dir: str, cfg: TeacherConfig):
+    def __init__(self, model_dir: str, cfg: TeacherConfig, replica: int = 0):
         from tasks.teacher.engine import build_engine
 
+        self.replica = replica
         self.llm = build_engine(model_dir, cfg.engine, max_logprobs=cfg.top_k, logprobs_mode=cfg.logprobs_mode)
+
+    def check(self, prompts, k, mode, max_new_tokens) -> None:
+        from tasks.teacher.capture import check_request
+
+        check_request(self.llm, prompts, k=k, mode=mode, max_new_tokens=max_new_tokens)
+
+    def capture_shard(self, chunk, index, num_shards, out_dir, split, metadata, sampling, mode="generate",
+                      pause_after_shard_s=0.0):
+        """Label one shard; returns (replica index, manifest record)."""
+        from tasks.teacher.capture import capture_shard
+
+        record = capture_shard(self.llm, chunk, index, num_shards, Path(out_dir), split=split, metadata=metadata,
+                               log_fn=lambda line: print(f"{line} [replica {self.replica}]", flush=True), mode=mode,
+                               pause_after_shard_s=pause_after_shard_s, **sampling)
+        return self.replica, record
 
     def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling, mode="generate", pause_after_shard_s=0.0):
         from tasks.teacher.capture import capture
@@ -88,6 +106,57 @@ def reference_prompts(prompts: list[dict[str, Any]], tokenizer, prefix: str) -> 
     return out
 
 
+def capture_on_replicas(replicas: list, prompts: list[dict[str, Any]], out_dir: Path, *, split: str,
+                        metadata: dict[str, Any], shard_rows: int, sampling: dict[str, Any], mode: str = "generate",
+                        pause_after_shard_s: float = 0.0) -> tuple[Path, dict[int, int]]:
+    """Spread the shards of one capture over TeacherReplica actors; write the manifest when all are done.
+
+    Returns the manifest path and how many shards each replica labelled. The
+    shards are the same whatever the number of replicas (each prompt's seed
+    derives from its content), so the manifest is too.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    from tasks.teacher.capture import shard_chunks
+
+    ray.get(replicas[0].check.remote(prompts, int(metadata["k"]), mode, int(sampling.get("max_new_tokens", 0))))
+    chunks = shard_chunks(prompts, shard_rows)
+    pool = ActorPool(replicas)
+    work = list(enumerate(chunks))
+    results = pool.map_unordered(
+        lambda actor, item: actor.capture_shard.remote(item[1], item[0], len(chunks), str(out_dir), split, metadata,
+                                                       sampling, mode, pause_after_shard_s),
+        work,
+    )
+    records: dict[str, dict[str, Any]] = {}
+    per_replica: dict[int, int] = {}
+    for replica, record in results:
+        records[record["path"]] = record
+        per_replica[replica] = per_replica.get(replica, 0) + 1
+    ordered = [records[soft_labels.shard_name(i)] for i in range(len(chunks))]
+    return soft_labels.write_manifest(Path(out_dir), ordered, metadata), per_replica
+
+
+def start_replicas(cfg: TeacherConfig, teacher_dir: str) -> list:
+    """One TeacherReplica actor per replica; refuses more replicas than the Ray cluster can place."""
+    import ray
+
+    from tasks.ray_runtime import cluster_resources
+
+    gpus = cfg.engine.tensor_parallel_size if cfg.use_gpu else 0
+    available = cluster_resources()
+    need = {"CPU": cfg.replicas * cfg.cpus_per_replica, "GPU": cfg.replicas * gpus}
+    for resource, amount in need.items():
+        if amount > available.get(resource, 0):
+            raise ValueError(
+                f"teacher.replicas={cfg.replicas} needs {amount:g} {resource} but the Ray cluster offers "
+                f"{available.get(resource, 0):g}; lower teacher.replicas (or cpus_per_replica)"
+            )
+    actor_cls = ray.remote(TeacherReplica).options(num_cpus=cfg.cpus_per_replica, num_gpus=gpus)
+    return [actor_cls.remote(teacher_dir, cfg, i) for i in range(cfg.replicas)]
+
+
 def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, Any], out_dir: Path,
                       ray_address: str | None = None, log_fn=print) -> dict[str, str]:
     import ray
@@ -108,17 +177,20 @@ def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, 
         else:
             sampling = {**sampling, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.engine.seed}
         work.append((role, split, mode, sampling, prompts))
-    actor_cls = ray.remote(num_cpus=1)(TeacherReplica)
-    replica = actor_cls.remote(teacher_dir, cfg)
+    replicas = start_replicas(cfg, teacher_dir)
     manifests = {}
     try:
         for role, split, mode, sampling, prompts in work:
             metadata = label_metadata(cfg, teacher_dir, split, sampling, mode)
-            manifests[role], _ = ray.get(
-                replica.capture.remote(prompts, str(out_dir / role), split, metadata, cfg.shard_rows, sampling, mode,
-                                       pause_after_shard_s=float(os.environ.get("STILLHOUSE_TEST_SHARD_SLEEP", 0)))  # tests only
+            manifest, per_replica = capture_on_replicas(
+                replicas, prompts, out_dir / role, split=split, metadata=metadata, shard_rows=cfg.shard_rows,
+                sampling=sampling, mode=mode,
+                pause_after_shard_s=float(os.environ.get("STILLHOUSE_TEST_SHARD_SLEEP", 0)),  # tests only
             )
-            log_fn(f"teacher: {role} labels complete: {manifests[role]}")
+            manifests[role] = str(manifest)
+            spread = ", ".join(f"replica {r}: {n}" for r, n in sorted(per_replica.items()))
+            log_fn(f"teacher: {role} labels complete ({spread} shards): {manifests[role]}")
     finally:
-        ray.kill(replica)
+        for replica in replicas:
+            ray.kill(replica)
     return manifests

@@ -1,9 +1,10 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-A checkpoint holds model weights, optimizer moments, scheduler state and the
-step. Batch selection is a pure function of (seed, step, rank), so no sampler
-state is needed: a resumed run continues where the interrupted one stopped and
-ends with the same weights (on the same hardware).
+A checkpoint holds model weights, optimizer moments, scheduler state, the
+torch RNG states and the step (plus the data position the loop records).
+Batch selection is a pure function of (seed, step, rank), so no sampler state
+is needed: a resumed run continues where the interrupted one stopped and ends
+with the same weights (on the same hardware).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, directory / "optimizer.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, directory / "rng.safetensors")
     state = {"step": step, "optimizer": opt_meta, "scheduler": sched, **extra}
     (directory / STATE_FILE).write_text(json.dumps(state))
     return directory
@@ -65,4 +70,10 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler) -> dict[str
                          f"unexpected {sorted(unexpected)[:3]}); use a fresh run name or the original student config")
     optimizer.load_state_dict(_unflatten_optimizer(load_file(directory / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
+    if (directory / "rng.safetensors").exists():
+        rng = load_file(directory / "rng.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        if cuda and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
     return state

@@ -4,8 +4,10 @@ Kept in one readable function (nanoGPT style). Two rules make it exact:
 - the loss is a sum over valid tokens divided by the GLOBAL count of valid
   tokens in the optimizer step (all ranks, all micro-batches), so gradients do
   not depend on how tokens fall across workers or accumulation steps;
-- the batch of a step is a pure function of (seed, step, rank), so a run
-  resumed from a checkpoint sees the same data as an uninterrupted one.
+- the batch of a step is a pure function of (seed, step, rank) and the
+  manifest (tasks.train.stream), so a run resumed from a checkpoint sees the
+  same data as an uninterrupted one; the checkpoint records that data position
+  and a resume checks it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -32,27 +33,27 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def worker_shards(num_shards: int, rank: int, world: int) -> list[int] | None:
-    """Disjoint shard indices for a rank; None means 'all shards, split by row' (fewer shards than ranks)."""
-    if num_shards >= world:
-        return list(range(rank, num_shards, world))
-    return None
-
-
-def load_worker_records(manifest: str, rank: int, world: int, tokenizer_hash: str, vocab_size: int) -> list[dict[str, Any]]:
+def open_stream(config: dict[str, Any], rank: int, world: int, tokenizer_hash: str, vocab_size: int):
+    """This worker's ShardStream over the manifest; labels are checked against the student's tokenizer up front."""
     from storage import soft_labels
+    from tasks.train.stream import ShardStream
 
-    num_shards = len(soft_labels.load_manifest(manifest)["shards"])
-    shards = worker_shards(num_shards, rank, world)
-    records = list(soft_labels.read(manifest, expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size, shards=shards))
-    if shards is None:
-        records = records[rank::world]
-    return records
+    manifest = soft_labels.load_manifest(config["manifest"])
+    found = manifest["metadata"].get("tokenizer_hash")
+    if found is not None and found != tokenizer_hash:
+        raise soft_labels.SoftLabelError(
+            f"{config['manifest']}: field tokenizer_hash {found} does not match the student's tokenizer {tokenizer_hash}; "
+            "teacher and student must share a tokenizer"
+        )
 
+    def read_shard(index: int) -> list[dict[str, Any]]:
+        return list(soft_labels.read(config["manifest"], expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+                                     shards=[index]))
 
-def step_batch(records: list, per_worker: int, seed: int, step: int, rank: int) -> list:
-    rng = random.Random(f"{seed}:{step}:{rank}")
-    return rng.sample(records, min(per_worker, len(records)))
+    stream = ShardStream([s["rows"] for s in manifest["shards"]], read_shard, rank=rank, world=world,
+                         batch_size=config["batch_size"] // world, seed=config["seed"],
+                         bucket_by_length=config.get("length_bucketing", True))
+    return stream, int(manifest["metadata"]["k"])
 
 
 def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime) -> tuple[float, dict[str, float]]:
@@ -84,17 +85,15 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
     from tasks.train.checkpoint import load_checkpoint, save_checkpoint
+    from tasks.train.stream import Position
 
     rank, world, device = runtime.rank, runtime.world, runtime.device
     torch.set_num_threads(max(1, int(config["threads_per_worker"])))
     torch.manual_seed(config["seed"])
 
-    # Data: this worker's disjoint share of the shards.
+    # Data: this worker's disjoint share of the shards, streamed one shard at a time.
     tokenizer = load_tokenizer(config["student_dir"])
-    records = load_worker_records(config["manifest"], rank, world, tokenizer_hash(tokenizer), len(tokenizer))
-    if not records:
-        raise ValueError(f"worker {rank}: no soft-label rows assigned; use fewer workers than rows")
-    k = int(records[0]["topk_ids"].shape[1])
+    stream, k = open_stream(config, rank, world, tokenizer_hash(tokenizer), len(tokenizer))
 
     # Model, objective, optimizer, schedule.
     model = runtime.prepare_model(load_causal_lm(config["student_dir"]).to(device))
@@ -106,11 +105,21 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     start_step = 0
     resume_dir = runtime.latest_checkpoint()
     if resume_dir is not None:
-        start_step = load_checkpoint(resume_dir, model=model, optimizer=opt, scheduler=sched)["step"]
+        state = load_checkpoint(resume_dir, model=model, optimizer=opt, scheduler=sched)
+        start_step = state["step"]
+        saved = state.get("data_position")
+        if rank == 0 and saved is not None and Position(**saved) != stream.position(start_step):
+            raise ValueError(
+                f"{resume_dir}: the checkpoint's data position {saved} is not where step {start_step} falls in "
+                f"{config['manifest']} ({stream.position(start_step).to_dict()}); the labels or batch settings changed - "
+                "use a fresh run name"
+            )
         if rank == 0:
-            print(f"train: resumed from checkpoint at step {start_step}", flush=True)
+            print(f"train: resumed from checkpoint at step {start_step} (data position {stream.position(start_step).to_dict()})",
+                  flush=True)
 
-    per_worker, accum = config["batch_size"] // world, config["grad_accum_steps"]
+    accum = config["grad_accum_steps"]
+    batches = stream.iter_from(start_step)
     log_path = Path(config["out_dir"]) / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
@@ -119,7 +128,7 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
         _maybe_inject_fault(config.get("fault_injection"), step, rank)
         if config.get("step_sleep"):
             time.sleep(config["step_sleep"])  # tests only: widen the window for a kill
-        batch = step_batch(records, per_worker, config["seed"], step, rank)
+        _, batch = next(batches)
         micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
@@ -144,8 +153,10 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
         if (step + 1) % config["checkpoint_every"] == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
-                    save_checkpoint(Path(tmp), model=model, optimizer=opt, scheduler=sched, step=step + 1, extra={"loss": loss})
+                    save_checkpoint(Path(tmp), model=model, optimizer=opt, scheduler=sched, step=step + 1,
+                                    extra={"loss": loss, "data_position": stream.position(step + 1).to_dict()})
                 runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
+    batches.close()  # stops the shard prefetch
     if rank == 0:
         core = model.module if hasattr(model, "module") else model
         save_pretrained_atomic(core, tokenizer, Path(config["out_dir"]) / "student")
