@@ -285,20 +285,27 @@ def main() -> None:
     parser.add_argument("--code-lm", action="store_true",
                         help="also measure labels of small code LMs with 32k and 152k BPE vocabularies (built once under "
                              "<demo-dir>/bench, slow the first time)")
+    parser.add_argument("--code-lm-vocabs", type=int, nargs="+", default=[32_000, 152_064])
+    parser.add_argument("--only-code-lm", action="store_true",
+                        help="codec on the code LMs' labels only (no demo assets, no Zipf remaps, no capture)")
     args = parser.parse_args()
     from tasks.demo.assets import ensure_demo_assets
 
-    assets = ensure_demo_assets(Path(args.demo_dir), teacher_steps=args.teacher_steps)
     num_seqs = 500 if args.quick else 3000
     rng = np.random.default_rng(0)
     report: dict = {"codecs": list(CODECS), "num_seqs": num_seqs}
     t0 = time.perf_counter()
-    profiles = demo_profiles(assets, num_seqs, kmax=64)
-    vocabs = {"demo": profiles, "zipf-32k": zipf_remap(profiles, 32_000, rng), "zipf-152k": zipf_remap(profiles, 152_064, rng)}
+    vocabs = {}
+    if args.only_code_lm:
+        args.code_lm, args.skip_capture = True, True
+    else:
+        assets = ensure_demo_assets(Path(args.demo_dir), teacher_steps=args.teacher_steps)
+        profiles = demo_profiles(assets, num_seqs, kmax=64)
+        vocabs = {"demo": profiles, "zipf-32k": zipf_remap(profiles, 32_000, rng), "zipf-152k": zipf_remap(profiles, 152_064, rng)}
     if args.code_lm:
         from bench import code_lm
 
-        for vocab in (32_000, 152_064):
+        for vocab in args.code_lm_vocabs:
             built = code_lm.build(Path(args.demo_dir) / "bench", vocab, corpus_mb=40 if vocab < 100_000 else 80,
                                   steps=300 if vocab < 100_000 else 200)
             vocabs[f"code-{vocab // 1000}k"] = code_lm.profiles(built, 300, 64)

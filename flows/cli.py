@@ -54,8 +54,15 @@ def cmd_run(args) -> int:
     config = _load(args)
     configure_runtime(config.data_dir)
     from flows.distill import distill
+    from flows.progress import StageProgress
+    from tasks.ray_logs import ray_output_to
 
-    run_json = distill(config)
+    progress = StageProgress(enabled=False if args.no_progress else None)  # bars on a terminal only
+    try:
+        with ray_output_to(progress.feed):
+            run_json = distill(config)
+    finally:
+        progress.close()
     try:
         import ray
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML file matching PipelineConfig")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
+        if name != "validate":
+            p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
     sub.add_parser("registry", help="list/show/promote/rollback registry versions (see 'stillhouse registry --help')")
     args = parser.parse_args(argv)
     if args.command == "validate":

@@ -90,6 +90,18 @@ class TeacherConfig(StageConfig):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
+class LoraSettings(StageConfig):
+    """Low-rank adapters (peft) instead of full fine-tuning; merged into the weights at the end."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names to adapt (Llama-style names by default).",
+    )
+
+
 class TrainConfig(StageConfig):
     """Training stage: Ray Train workers fit the student to the stored soft labels."""
 
@@ -108,6 +120,7 @@ class TrainConfig(StageConfig):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1)
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end) instead of all weights.")
     length_bucketing: bool = Field(True, description="Batch sequences of similar length together (within a shard) to cut padding.")
     use_gpu: bool = False
     seed: int = 0

@@ -76,8 +76,13 @@ def test_two_workers_with_accumulation_match_one_process(tiny_student, tiny_labe
         torch.testing.assert_close(distributed[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tiny_student, tiny_labels, tmp_path):
-    full = _config(tiny_student, tiny_labels, tmp_path / "full")
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_resume_from_checkpoint_equals_uninterrupted(tiny_student, tiny_labels, tmp_path, lora):
+    """Kill after the step-3 checkpoint, resume: same weights as one run (with LoRA dropout: the RNG state is restored)."""
+    full = _config(tiny_student, tiny_labels, tmp_path / "full", lora=lora)
     train(full, LocalRuntime())
 
     class Crash(RuntimeError):
@@ -88,7 +93,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tiny_student, tiny_labels, 
             super().report(metrics, checkpoint_dir)
             raise Crash
 
-    resumed = _config(tiny_student, tiny_labels, tmp_path / "resumed")
+    resumed = _config(tiny_student, tiny_labels, tmp_path / "resumed", lora=lora)
     with pytest.raises(Crash):
         train(resumed, CrashAfterFirstCheckpoint(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "step-3").exists() and not (tmp_path / "resumed" / "student").exists()
@@ -152,3 +157,20 @@ def test_resume_with_other_batch_settings_is_refused(tiny_student, tiny_labels, 
     assert (tmp_path / "ckpt" / "step-3" / "rng.safetensors").exists()
     with pytest.raises(ValueError, match="data position"):
         train(_config(tiny_student, tiny_labels, tmp_path / "b", steps=6, batch_size=4), LocalRuntime(tmp_path / "ckpt"))
+
+
+def test_lora_trains_only_the_adapted_layers_and_saves_a_plain_model(tiny_student, tiny_labels, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train(_config(tiny_student, tiny_labels, tmp_path / "out", steps=3, lora=LORA), LocalRuntime())
+    init, out = load_file(Path(tiny_student) / "model.safetensors"), _weights(tmp_path / "out")
+    assert set(out) == set(init), "the saved student must be a plain HF model (adapters merged, no lora_ tensors)"
+    changed = {name for name in init if not torch.equal(init[name], out[name])}
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed), changed
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "student")
+
+
+def test_lora_on_modules_the_student_lacks_is_an_error(tiny_student, tiny_labels, tmp_path):
+    with pytest.raises(ValueError, match="target_modules"):
+        train(_config(tiny_student, tiny_labels, tmp_path / "out", steps=1, lora={**LORA, "target_modules": ["nope_proj"]}),
+              LocalRuntime())

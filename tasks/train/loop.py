@@ -96,9 +96,16 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     stream, k = open_stream(config, rank, world, tokenizer_hash(tokenizer), len(tokenizer))
 
     # Model, objective, optimizer, schedule.
-    model = runtime.prepare_model(load_causal_lm(config["student_dir"]).to(device))
+    model = load_causal_lm(config["student_dir"])
+    if config.get("lora"):
+        from tasks.train.lora import apply_lora, trainable_fraction
+
+        model = apply_lora(model, config["lora"])
+        if rank == 0:
+            print(f"train: LoRA rank {config['lora']['rank']}, {trainable_fraction(model):.2%} of the weights trainable", flush=True)
+    model = runtime.prepare_model(model.to(device))
     objective = build_objective(config["objective"], support=config["support"], temperature=config["temperature"], **config["objective_params"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=config["weight_decay"], betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config["warmup_steps"], config["steps"]))
 
     # Resume from the latest checkpoint, if the run has one.
@@ -158,8 +165,10 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
                 runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
     batches.close()  # stops the shard prefetch
     if rank == 0:
+        from tasks.train.lora import merged
+
         core = model.module if hasattr(model, "module") else model
-        save_pretrained_atomic(core, tokenizer, Path(config["out_dir"]) / "student")
+        save_pretrained_atomic(merged(core), tokenizer, Path(config["out_dir"]) / "student")
 
 
 def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
