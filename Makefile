@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/stillhouse demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

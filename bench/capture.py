@@ -149,33 +149,34 @@ def rows_at_k(profiles: dict, k: int) -> list[dict]:
 
 # --- KD loss of a fixed student --------------------------------------------------------------
 
-def student_logits(rows: list[dict], vocab: int, seed: int = 0) -> list[np.ndarray]:
-    """Per row [T, V] float32 logits (see the module doc); built once, shared by all codecs."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for r in rows:
-        t, k = r["topk_ids"].shape
-        z = rng.standard_normal((t, vocab)).astype(np.float32)
-        mask = np.zeros((t, vocab), dtype=bool)
-        np.put_along_axis(mask, r["topk_ids"], True, axis=1)
-        z_bg = np.where(mask, -np.inf, z)
-        lse = np.log(np.exp(z_bg - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-        tail = np.maximum(r["tail_logmass"], -30.0) + rng.normal(0, 0.5, t)
-        z = z - (lse - tail)[:, None]
-        np.put_along_axis(z, r["topk_ids"], r["topk_logprobs"] + rng.normal(0, 0.5, (t, k)).astype(np.float32), axis=1)
-        out.append(z)
-    return out
+def student_logits(r: dict, vocab: int, seed: int, index: int) -> np.ndarray:
+    """[T, V] float32 logits of the fixed student for exact label row `r` (see the module doc).
+
+    Made per row from its own seed, so rows never all sit in memory (300 rows x 96 tokens x 152k ids would be 17 GB).
+    """
+    rng = np.random.default_rng([seed, index])
+    t, k = r["topk_ids"].shape
+    z = rng.standard_normal((t, vocab)).astype(np.float32)
+    mask = np.zeros((t, vocab), dtype=bool)
+    np.put_along_axis(mask, r["topk_ids"], True, axis=1)
+    z_bg = np.where(mask, -np.inf, z)
+    lse = np.log(np.exp(z_bg - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    tail = np.maximum(r["tail_logmass"], -30.0) + rng.normal(0, 0.5, t)
+    z = z - (lse - tail)[:, None]
+    np.put_along_axis(z, r["topk_ids"], r["topk_logprobs"] + rng.normal(0, 0.5, (t, k)).astype(np.float32), axis=1)
+    return z
 
 
-def kd_loss(records: list[dict], logits: list[np.ndarray]) -> float:
-    """Mean per-token fkl (tail_bucket) over all tokens, computed in chunks of rows."""
+def kd_loss(records: list[dict], exact_rows: list[dict], vocab: int, seed: int = 0) -> float:
+    """Mean per-token fkl (tail_bucket) of the fixed student against `records` (decoded or exact labels)."""
     import torch
 
     from tasks.objectives import SparseLabels, get_objective
 
     fkl = get_objective("fkl", support="tail_bucket")
     total, count = 0.0, 0
-    for r, z in zip(records, logits):
+    for index, (r, exact) in enumerate(zip(records, exact_rows)):
+        z = student_logits(exact, vocab, seed, index)
         labels = SparseLabels(ids=torch.as_tensor(r["topk_ids"])[None], logprobs=torch.as_tensor(r["topk_logprobs"])[None],
                               tail_logmass=torch.as_tensor(r["tail_logmass"])[None])
         mask = torch.ones(1, z.shape[0], dtype=torch.bool)
@@ -185,8 +186,7 @@ def kd_loss(records: list[dict], logits: list[np.ndarray]) -> float:
 
 
 def measure_codecs(rows: list[dict], vocab: int, k: int, codecs: list[str], workdir: Path) -> dict:
-    logits = student_logits(rows, vocab)
-    exact = kd_loss(rows, logits)
+    exact = kd_loss(rows, rows, vocab)
     tokens = sum(len(r["response_ids"]) for r in rows)
     result = {"tokens": tokens, "kd_loss_exact": exact}
     meta = {"k": k, "tokenizer_hash": "bench", "teacher_key": "bench"}
@@ -210,7 +210,7 @@ def measure_codecs(rows: list[dict], vocab: int, k: int, codecs: list[str], work
                 assert np.array_equal(finite, np.isfinite(y)), f
                 err[f] = max(err[f], float(np.abs(x[finite] - y[finite]).max(initial=0.0)))
         # Bit-exact decoding (plain-f32) gives the exact loss: skip the costly full-vocabulary pass.
-        loss = exact if not any(err.values()) else kd_loss(decoded, logits)
+        loss = exact if not any(err.values()) else kd_loss(decoded, rows, vocab)
         result[name] = {
             "bytes_per_entry": round(label_bytes / (tokens * k), 4),
             "file_bytes_per_entry": round(record["bytes"] / (tokens * k), 4),

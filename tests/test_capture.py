@@ -1,7 +1,8 @@
-"""Teacher capture with a real vLLM engine: resume, corruption, score mode, bad input.
+"""Teacher capture with real vLLM engines: resume, corruption, score mode, bad input, two replicas.
 
-One engine for the whole file (a session-scoped Ray actor around the tiny
-1-layer model of conftest, used here as the teacher).
+Two engines for the whole file (Ray actors around the tiny 1-layer model of
+conftest, used here as the teacher): most tests use the first; the
+data-parallel test spreads shards over both.
 """
 
 import os
@@ -15,17 +16,27 @@ from storage.soft_labels import SoftLabelError
 K = 8
 
 
+def _teacher_config(tiny_student, **extra):
+    from tasks.config import EngineConfig, TeacherConfig
+
+    return TeacherConfig(model=tiny_student, top_k=K, engine=EngineConfig(max_model_len=128), **extra)
+
+
 @pytest.fixture(scope="module")
-def teacher(ray_local, tiny_student):
+def replicas(ray_local, tiny_student):
     import ray
 
-    from tasks.config import EngineConfig, TeacherConfig
-    from tasks.teacher.stage import TeacherReplica
+    from tasks.teacher.stage import start_replicas
 
-    cfg = TeacherConfig(model=tiny_student, top_k=K, engine=EngineConfig(max_model_len=128))
-    actor = ray.remote(num_cpus=1)(TeacherReplica).remote(tiny_student, cfg)
-    yield actor
-    ray.kill(actor)
+    actors = start_replicas(_teacher_config(tiny_student, replicas=2), tiny_student)
+    yield actors
+    for actor in actors:
+        ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def teacher(replicas):
+    return replicas[0]
 
 
 def _meta(**extra):
@@ -131,3 +142,40 @@ def test_prompt_longer_than_context_is_refused(teacher, prompts, tmp_path):
     long = [dict(prompts[0], prompt_ids=prompts[0]["prompt_ids"] * 30)]
     with pytest.raises(ray.exceptions.RayTaskError, match="example train-0: prompt \\+ max_new_tokens is .* more than the teacher's context of 128"):
         _capture(teacher, long, tmp_path / "long", _meta())
+
+
+def test_more_replicas_than_the_cluster_offers_is_refused_before_any_engine_starts(ray_local, tiny_student):
+    from tasks.teacher.stage import start_replicas
+
+    with pytest.raises(ValueError, match=r"teacher.replicas=3 needs 3 CPU but the Ray cluster offers 2"):
+        start_replicas(_teacher_config(tiny_student, replicas=3), tiny_student)
+
+
+def test_two_replicas_split_the_shards_and_write_what_one_replica_writes(replicas, prompts, tmp_path):
+    """The shards do not depend on the replica count: each prompt's seed derives from its content, one shard per call."""
+    from tasks.teacher.stage import capture_on_replicas
+
+    def run(actors, name):
+        return capture_on_replicas(actors, prompts, tmp_path / name, split="train", metadata=_meta(), shard_rows=1,
+                                   sampling=SAMPLING)
+
+    two, per_replica = run(replicas, "two")
+    assert sorted(per_replica) == [0, 1], f"both replicas should label shards, got {per_replica}"
+    assert sum(per_replica.values()) == len(prompts)
+    one, per_replica_one = run(replicas[:1], "one")
+    assert per_replica_one == {0: len(prompts)}
+
+    m1, m2 = soft_labels.load_manifest(one), soft_labels.load_manifest(two)
+    assert [s["path"] for s in m2["shards"]] == [soft_labels.shard_name(i) for i in range(len(prompts))]
+    for a, b in zip(m1["shards"], m2["shards"]):
+        assert (a["rows"], a["tokens"], a["sha256"]) == (b["rows"], b["tokens"], b["sha256"])
+    r1, r2 = list(soft_labels.read(one)), list(soft_labels.read(two))
+    assert [r["example_id"] for r in r2] == [p["example_id"] for p in prompts]
+    for a, b in zip(r1, r2):
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_array_equal(a["topk_logprobs"], b["topk_logprobs"])
+
+    # A finished capture rerun on two replicas writes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()}
+    run(replicas, "two")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()} == before

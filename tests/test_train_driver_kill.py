@@ -21,15 +21,15 @@ run_train_stage(cfg, sys.argv[1], sys.argv[2], Path(sys.argv[3]))
 """
 
 
-def _run(student, labels, out_dir, env=None):
+def _run(student, labels, out_dir, env=None, stdout=subprocess.PIPE):
     return subprocess.Popen([sys.executable, "-c", DRIVER, student, labels, str(out_dir)], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_driver_sigkill_then_rerun_resumes(tiny_student, tiny_labels, tmp_path):
-    clean = _run(tiny_student, tiny_labels, tmp_path / "clean")
-    assert clean.wait(timeout=300) == 0, clean.stdout.read().decode()[-3000:]
-
+    # The clean reference and the run to kill start together (the victim mostly sleeps); each has its own Ray.
+    clean_log = (tmp_path / "clean.log").open("wb")
+    clean = _run(tiny_student, tiny_labels, tmp_path / "clean", stdout=clean_log)
     # Slow the steps down so the kill lands mid-run, after at least one checkpoint.
     victim = _run(tiny_student, tiny_labels, tmp_path / "killed", env={"STILLHOUSE_TEST_STEP_SLEEP": "1.5"})
     log = tmp_path / "killed" / "train_log.jsonl"
@@ -41,6 +41,8 @@ def test_driver_sigkill_then_rerun_resumes(tiny_student, tiny_labels, tmp_path):
     os.killpg(victim.pid, signal.SIGKILL)  # the driver, its Ray head and workers: nothing survives
     victim.wait(timeout=60)
     assert not (tmp_path / "killed" / "student").exists(), "killed too late: training had finished"
+
+    assert clean.wait(timeout=300) == 0, (tmp_path / "clean.log").read_text()[-3000:]
 
     rerun = _run(tiny_student, tiny_labels, tmp_path / "killed")
     out = rerun.communicate(timeout=300)[0].decode()
