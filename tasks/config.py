@@ -120,11 +120,21 @@ class TrainConfig(StageConfig):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     num_workers: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallel with a full model copy per worker (ddp), or parameters, gradients and optimizer "
+        "state sharded across workers (fsdp, torch FSDP2) for students that do not fit one device.",
+    )
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end) instead of all weights.")
     length_bucketing: bool = Field(True, description="Batch sequences of similar length together (within a shard) to cut padding.")
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")
+
+    @model_validator(mode="after")
+    def _lora_needs_ddp(self) -> "TrainConfig":
+        if self.lora is not None and self.strategy == "fsdp":
+            raise ValueError("train.lora with train.strategy=fsdp is not supported; use strategy=ddp for LoRA students")
+        return self
 
 
 class EvalConfig(StageConfig):

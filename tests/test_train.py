@@ -126,26 +126,31 @@ def test_checkpoint_from_another_model_is_rejected(tiny_student, tiny_labels, tm
         load_checkpoint(tmp_path / "c", model=mine, optimizer=opt2, scheduler=torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
 
 
-def test_ray_train_survives_a_killed_worker(tiny_student, tiny_labels, tmp_path, ray_local):
-    """SIGKILL a training worker after its first checkpoint; Ray restarts it and the result equals a clean run."""
+def test_fsdp_worker_killed_and_restarted_matches_a_clean_ddp_run(tiny_student, tiny_labels, tmp_path, ray_local):
+    """Two Ray Train workers with gradient accumulation. Clean: DDP. Then FSDP2 (sharded parameters and optimizer
+    state), SIGKILL of rank 0 at step 5; Ray restarts the workers from the last gathered checkpoint.
+    Same weights either way: sharding, checkpoint gathering and restart change nothing."""
     from tasks.config import TrainConfig
     from tasks.train.stage import run_train_stage
 
-    cfg = TrainConfig(steps=6, batch_size=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=3, max_failures=1,
-                      objective="fkl+ce", num_workers=1)
+    cfg = TrainConfig(steps=6, batch_size=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=2, max_failures=1,
+                      objective="fkl+ce", num_workers=2, grad_accum_steps=2)
     run_train_stage(cfg, tiny_student, tiny_labels, tmp_path / "clean")
     marker = tmp_path / "killed-once"
-    os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"] = f"4:{marker}"
+    os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"] = f"5:{marker}"
     try:
-        run_train_stage(cfg, tiny_student, tiny_labels, tmp_path / "crashed")
+        run_train_stage(cfg.model_copy(update={"strategy": "fsdp"}), tiny_student, tiny_labels, tmp_path / "crashed")
     finally:
         del os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"]
     assert marker.exists(), "the fault was not injected"
-    log = (tmp_path / "crashed" / "train_log.jsonl").read_text()
-    assert '"step": 4' in log
+    steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]
+    # Ray Train registers a reported checkpoint when its controller next polls the workers, so a kill right after
+    # a report may lose that one: the restart resumes from the step-4 or the step-2 checkpoint, never from scratch.
+    assert steps[:4] == [1, 2, 3, 4] and steps[4] in (3, 5) and steps[-1] == 6 and steps.count(1) == 1, steps
     a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "crashed")
+    assert set(a) == set(b)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_resume_with_other_batch_settings_is_refused(tiny_student, tiny_labels, tmp_path):

@@ -66,8 +66,11 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
     per_rank_count = global_tokens / runtime.world
     loss_total, parts_total = 0.0, {}
     for i, mb in enumerate(micro_batches):
-        sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
+        sync = i == len(micro_batches) - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only on the last micro-batch
+            model.set_requires_gradient_sync(sync)
+        skip_sync = not sync and hasattr(model, "no_sync")  # DDP
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
             labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
             loss = objective(logits, labels, mb["mask"], num_valid_tokens=per_rank_count)
@@ -85,6 +88,7 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
     from tasks.train.checkpoint import load_checkpoint, save_checkpoint
+    from tasks.train.fsdp import gather_full_state, is_sharded
     from tasks.train.stream import Position
 
     rank, world, device = runtime.rank, runtime.world, runtime.device
@@ -103,7 +107,8 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
         model = apply_lora(model, config["lora"])
         if rank == 0:
             print(f"train: LoRA rank {config['lora']['rank']}, {trainable_fraction(model):.2%} of the weights trainable", flush=True)
-    model = runtime.prepare_model(model.to(device))
+    model = runtime.prepare_model(model.to(device), strategy=config.get("strategy", "ddp"))
+    sharded = is_sharded(model)
     objective = build_objective(config["objective"], support=config["support"], temperature=config["temperature"], **config["objective_params"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=config["weight_decay"], betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config["warmup_steps"], config["steps"]))
@@ -158,16 +163,23 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
                   + " ".join(f"{n} {v:.4f}" for n, v in parts.items())
                   + f" | {entry['tokens_per_s']:.0f} tok/s, eta {entry['eta_s']:.0f}s", flush=True)
         if (step + 1) % config["checkpoint_every"] == 0 or last:
+            full_state = gather_full_state(model, opt) if sharded else None  # a collective: every rank
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     save_checkpoint(Path(tmp), model=model, optimizer=opt, scheduler=sched, step=step + 1,
-                                    extra={"loss": loss, "data_position": stream.position(step + 1).to_dict()})
+                                    extra={"loss": loss, "data_position": stream.position(step + 1).to_dict()},
+                                    full_state=full_state)
                 runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
     batches.close()  # stops the shard prefetch
+    final_state = gather_full_state(model, opt)[0] if sharded else None  # a collective: every rank
     if rank == 0:
         from tasks.train.lora import merged
 
-        core = model.module if hasattr(model, "module") else model
+        if sharded:  # a plain, unsharded copy for save_pretrained
+            core = load_causal_lm(config["student_dir"])
+            core.load_state_dict(final_state)
+        else:
+            core = model.module if hasattr(model, "module") else model
         save_pretrained_atomic(merged(core), tokenizer, Path(config["out_dir"]) / "student")
 
 

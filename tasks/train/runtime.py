@@ -21,7 +21,7 @@ class Runtime:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, strategy: str = "ddp"):
         return model
 
     def latest_checkpoint(self) -> Path | None:
@@ -73,10 +73,16 @@ class RayRuntime(Runtime):
         dist.all_reduce(out)
         return out.cpu() if tensor.device.type == "cpu" else out
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, strategy: str = "ddp"):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model) if self.world > 1 else model
+        if self.world == 1:
+            return model
+        if strategy == "fsdp":
+            from tasks.train.fsdp import shard_model
+
+            return shard_model(model)
+        return ray.train.torch.prepare_model(model)
 
     def latest_checkpoint(self):
         import ray.train

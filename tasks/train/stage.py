@@ -34,7 +34,7 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
     loop_config = {
         **cfg.model_dump(include={"objective", "support", "temperature", "objective_params", "steps", "batch_size",
                                    "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                                   "grad_accum_steps", "checkpoint_every", "length_bucketing", "lora"}),
+                                   "grad_accum_steps", "checkpoint_every", "length_bucketing", "lora", "strategy"}),
         "student_dir": student_dir,
         "manifest": labels_manifest,
         "out_dir": str(out_dir),
