@@ -86,7 +86,7 @@ def train_student(config: PipelineConfig, prepared: dict[str, Any], labels: dict
     from tasks.identity import model_identity, stage_key
     from tasks.train.stage import run_train_stage
 
-    key = stage_key("train", train=config.train.model_dump(exclude={"ray_address"}), labels=labels["key"],
+    key = stage_key("train", train=config.train.model_dump(exclude={"ray_address", "checkpoint_storage"}), labels=labels["key"],
                     student_model=model_identity(prepared["student_dir"]))
     out_dir = Path(config.data_dir).resolve() / "cache" / "train" / key
     done = out_dir / "done.json"

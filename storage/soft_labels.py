@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import read_json, sha256_file, sha256_json, tmp_path_for, write_json
 from storage.codec import CODECS, DEFAULT_CODEC, FlatLabels, column_width, get_codec
+from storage.location import Location, locate
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -220,38 +221,45 @@ def write_manifest(out_dir: Path, shards: list[dict[str, Any]], metadata: dict[s
 
 # --- reading ---------------------------------------------------------------------------
 
-def load_manifest(manifest_path: Path) -> dict[str, Any]:
-    manifest_path = Path(manifest_path)
-    if manifest_path.is_dir():
-        manifest_path = manifest_path / MANIFEST_NAME
-    if not manifest_path.exists():
-        raise SoftLabelError(f"{manifest_path}: soft-label manifest not found; run the teacher stage first")
-    manifest = read_json(manifest_path)
+def load_manifest(manifest_path: Path | str) -> dict[str, Any]:
+    """The manifest of a capture: a manifest file or its folder, as a local path or a URI (storage.location)."""
+    where = locate(manifest_path)
+    if where.is_dir():
+        where = where.join(MANIFEST_NAME)
+    if not where.exists():
+        raise SoftLabelError(f"{where}: soft-label manifest not found; run the teacher stage first")
+    try:
+        manifest = json.loads(where.read_bytes())
+    except ValueError as exc:
+        raise SoftLabelError(f"{where}: not a JSON manifest ({exc}); rerun the teacher stage") from exc
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise SoftLabelError(
-            f"{manifest_path}: field schema_version is {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
+            f"{where}: field schema_version is {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
             "recapture the labels with this version"
         )
-    manifest["_dir"] = str(manifest_path.parent)
+    manifest["_dir"] = str(where.parent())
     return manifest
 
 
 def shard_paths(manifest: dict[str, Any]) -> list[Path]:
+    """Local shard paths (for tools that need files; `read` also takes URIs)."""
     return [Path(manifest["_dir"]) / s["path"] for s in manifest["shards"]]
 
 
-def shard_metadata(path: Path) -> dict[str, Any]:
-    raw = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+def shard_metadata(path: Path | str | Location) -> dict[str, Any]:
+    where = path if isinstance(path, Location) else locate(path)
+    with where.open() as f:
+        raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise SoftLabelError(f"{path}: no '{METADATA_KEY.decode()}' metadata; not a stillhouse soft-label shard")
+        raise SoftLabelError(f"{where}: no '{METADATA_KEY.decode()}' metadata; not a stillhouse soft-label shard")
     return json.loads(raw)
 
 
-def _verify_shard(path: Path, record: dict[str, Any]) -> None:
-    if not path.exists():
-        raise SoftLabelError(f"{path}: shard listed in the manifest is missing; rerun the teacher stage")
-    if sha256_file(path) != record["sha256"]:
-        raise SoftLabelError(f"{path}: checksum mismatch (truncated or modified); rerun the teacher stage to regenerate it")
+def _verify_shard(where: Location, record: dict[str, Any]) -> None:
+    if not where.exists():
+        raise SoftLabelError(f"{where}: shard listed in the manifest is missing; rerun the teacher stage")
+    if where.sha256() != record["sha256"]:
+        raise SoftLabelError(f"{where}: checksum mismatch (truncated or modified); rerun the teacher stage to regenerate it")
 
 
 def _check_shard_metadata(path: Path, meta: dict[str, Any], manifest_meta: dict[str, Any],
@@ -373,13 +381,14 @@ def read(
     selected = range(len(records)) if shards is None else shards
     for index in selected:
         record = records[index]
-        path = Path(manifest["_dir"]) / record["path"]
+        where = locate(manifest["_dir"]).join(record["path"])
         if verify:
-            _verify_shard(path, record)
+            _verify_shard(where, record)
         try:
-            shard_meta = shard_metadata(path)
+            shard_meta = shard_metadata(where)
         except (OSError, pa.ArrowException) as exc:
-            raise SoftLabelError(f"{path}: unreadable Parquet ({exc}); rerun the teacher stage to regenerate it") from exc
-        _check_shard_metadata(path, shard_meta, meta, expected_tokenizer_hash)
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from _decode_batch(batch, shard_meta, path, vocab_size)
+            raise SoftLabelError(f"{where}: unreadable Parquet ({exc}); rerun the teacher stage to regenerate it") from exc
+        _check_shard_metadata(where, shard_meta, meta, expected_tokenizer_hash)
+        with where.open() as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+                yield from _decode_batch(batch, shard_meta, where, vocab_size)

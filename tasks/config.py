@@ -129,6 +129,10 @@ class TrainConfig(StageConfig):
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")
+    checkpoint_storage: str | None = Field(
+        None, description="Where Ray Train keeps checkpoints: a shared path or a URI (s3://bucket/prefix, gs://...) "
+        "that every worker reaches; None: under the stage's cache folder on this machine.",
+    )
 
     @model_validator(mode="after")
     def _lora_needs_ddp(self) -> "TrainConfig":

@@ -198,3 +198,27 @@ def test_raw_shards_open_with_ray_data(tmp_path, ray_local):
 def test_no_temporary_files_left(tmp_path):
     _write(tmp_path)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_labels_read_from_uris_equal_the_local_read(tiny_labels):
+    """memory:// (an fsspec filesystem, standing in for an object store) and file:// give the local read, checksums included."""
+    from pathlib import Path
+
+    import fsspec
+
+    local_dir = Path(tiny_labels).parent
+    memory = fsspec.filesystem("memory")
+    for f in local_dir.iterdir():
+        memory.pipe(f"/uri-read/{f.name}", f.read_bytes())
+    expected = list(soft_labels.read(tiny_labels))
+    for uri in ("memory://uri-read/manifest.json", "memory://uri-read", f"file://{tiny_labels}"):
+        got = list(soft_labels.read(uri))
+        assert [r["sample_id"] for r in got] == [r["sample_id"] for r in expected], uri
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+            np.testing.assert_array_equal(a["topk_logprobs"], b["topk_logprobs"])
+    memory.pipe("/uri-read/shard-00000.parquet", b"not parquet")
+    with pytest.raises(SoftLabelError, match=r"memory://uri-read/shard-00000.parquet: checksum mismatch"):
+        list(soft_labels.read("memory://uri-read"))
+    with pytest.raises(SoftLabelError, match=r"memory://nowhere/manifest.json: soft-label manifest not found"):
+        soft_labels.load_manifest("memory://nowhere/manifest.json")

@@ -139,10 +139,13 @@ def test_fsdp_worker_killed_and_restarted_matches_a_clean_ddp_run(tiny_student, 
     marker = tmp_path / "killed-once"
     os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"] = f"5:{marker}"
     try:
-        run_train_stage(cfg.model_copy(update={"strategy": "fsdp"}), tiny_student, tiny_labels, tmp_path / "crashed")
+        # Checkpoints through a URI (pyarrow filesystem), as on a cluster with an object store.
+        sharded = cfg.model_copy(update={"strategy": "fsdp", "checkpoint_storage": f"file://{tmp_path}/shared-ckpt"})
+        run_train_stage(sharded, tiny_student, tiny_labels, tmp_path / "crashed")
     finally:
         del os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"]
     assert marker.exists(), "the fault was not injected"
+    assert list((tmp_path / "shared-ckpt" / "train-crashed").glob("checkpoint_*")), "no checkpoint at the URI"
     steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]
     # Ray Train registers a reported checkpoint when its controller next polls the workers, so a kill right after
     # a report may lose that one: the restart resumes from the step-4 or the step-2 checkpoint, never from scratch.
@@ -179,3 +182,27 @@ def test_lora_on_modules_the_student_lacks_is_an_error(tiny_student, tiny_labels
     with pytest.raises(ValueError, match="target_modules"):
         train(_config(tiny_student, tiny_labels, tmp_path / "out", steps=1, lora={**LORA, "target_modules": ["nope_proj"]}),
               LocalRuntime())
+
+
+def test_training_from_labels_at_a_uri_equals_training_from_the_local_copy(tiny_student, tiny_labels, tmp_path):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for f in Path(tiny_labels).parent.iterdir():
+        memory.pipe(f"/train-uri/{f.name}", f.read_bytes())
+    train(_config(tiny_student, tiny_labels, tmp_path / "local", steps=3), LocalRuntime())
+    train(_config(tiny_student, "memory://train-uri/manifest.json", tmp_path / "uri", steps=3), LocalRuntime())
+    a, b = _weights(tmp_path / "local"), _weights(tmp_path / "uri")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_unwritable_checkpoint_storage_is_refused_before_training(tiny_student, tiny_labels, tmp_path, ray_local):
+    from tasks.config import TrainConfig
+    from tasks.train.stage import TrainingError, run_train_stage
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(TrainingError, match="train.checkpoint_storage .* is not writable"):
+        run_train_stage(TrainConfig(steps=1, checkpoint_storage=f"file://{blocker}/ckpt"), tiny_student, tiny_labels, tmp_path / "out")
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()

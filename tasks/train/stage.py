@@ -13,6 +13,25 @@ class TrainingError(RuntimeError):
     pass
 
 
+def checkpoint_storage(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Ray Train's RunConfig name/storage: <out_dir>/ray by default, else train.checkpoint_storage (a shared path or
+    URI every worker reaches), under a name unique to this training stage's output folder. Checked writable."""
+    from storage.location import locate
+
+    if cfg.checkpoint_storage is None:
+        return {"name": "train", "storage_path": str((out_dir / "ray").resolve())}
+    where = locate(cfg.checkpoint_storage)
+    probe = where.join(f".stillhouse-write-probe-{os.getpid()}")
+    try:
+        where.fs.create_dir(where.path, recursive=True)
+        with where.fs.open_output_stream(probe.path) as f:
+            f.write(b"ok")
+        where.fs.delete_file(probe.path)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"train.checkpoint_storage {where} is not writable ({exc}); fix permissions or choose another place") from exc
+    return {"name": f"train-{out_dir.name}", "storage_path": where.path, "storage_filesystem": where.fs}
+
+
 def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
     import ray
@@ -30,6 +49,7 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
         raise TrainingError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_storage(cfg, out_dir)  # refuses an unwritable place before any worker starts
     cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
     loop_config = {
         **cfg.model_dump(include={"objective", "support", "temperature", "objective_params", "steps", "batch_size",
@@ -50,7 +70,7 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         # Same name + storage path on a rerun: Ray Train resumes from the latest checkpoint.
-        run_config=RunConfig(name="train", storage_path=str((out_dir / "ray").resolve()),
+        run_config=RunConfig(**checkpoint_storage(cfg, out_dir),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
