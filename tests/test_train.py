@@ -150,6 +150,16 @@ def test_fsdp_worker_killed_and_restarted_matches_a_clean_ddp_run(tiny_student, 
     # Ray Train registers a reported checkpoint when its controller next polls the workers, so a kill right after
     # a report may lose that one: the restart resumes from the step-4 or the step-2 checkpoint, never from scratch.
     assert steps[:4] == [1, 2, 3, 4] and steps[4] in (3, 5) and steps[-1] == 6 and steps.count(1) == 1, steps
+    # The final checkpoint carries the student: a driver without the workers' filesystem fetches it from there.
+    import shutil
+
+    from ray.train import Checkpoint
+
+    from tasks.train.stage import fetch_student
+
+    final = sorted(p for p in (tmp_path / "shared-ckpt" / "train-crashed").glob("checkpoint_*") if p.is_dir())[-1]
+    shutil.rmtree(tmp_path / "crashed" / "student")
+    fetch_student(Checkpoint(path=str(final)), tmp_path / "crashed" / "student")
     a, b = _weights(tmp_path / "clean"), _weights(tmp_path / "crashed")
     assert set(a) == set(b)
     for name in a:

@@ -84,7 +84,7 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
 
 
 def train(config: dict[str, Any], runtime: Runtime) -> None:
-    from tasks.models import load_causal_lm, load_tokenizer, save_pretrained_atomic, tokenizer_hash
+    from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
     from tasks.train.checkpoint import load_checkpoint, save_checkpoint
@@ -169,18 +169,43 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
                     save_checkpoint(Path(tmp), model=model, optimizer=opt, scheduler=sched, step=step + 1,
                                     extra={"loss": loss, "data_position": stream.position(step + 1).to_dict()},
                                     full_state=full_state)
+                    if last:  # the student rides in the final checkpoint too: a driver that does not share
+                        # the workers' filesystem fetches it from checkpoint storage (tasks.train.stage.fetch_student)
+                        save_student(model, full_state[0] if sharded else None, config, tokenizer, Path(tmp) / "student")
+                        try:
+                            copy_folder_atomic(Path(tmp) / "student", Path(config["out_dir"]) / "student")
+                        except OSError as exc:  # another node's filesystem: the driver fetches it instead
+                            print(f"train: student not copied to {config['out_dir']} from this worker ({exc}); "
+                                  "the driver fetches it from the checkpoint", flush=True)
                 runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
     batches.close()  # stops the shard prefetch
-    final_state = gather_full_state(model, opt)[0] if sharded else None  # a collective: every rank
-    if rank == 0:
-        from tasks.train.lora import merged
+    if start_step >= config["steps"]:  # resumed from the final checkpoint: nothing trained in this process
+        final_state = gather_full_state(model, opt)[0] if sharded else None  # a collective: every rank
+        if rank == 0:
+            save_student(model, final_state, config, tokenizer, Path(config["out_dir"]) / "student")
 
-        if sharded:  # a plain, unsharded copy for save_pretrained
-            core = load_causal_lm(config["student_dir"])
-            core.load_state_dict(final_state)
-        else:
-            core = model.module if hasattr(model, "module") else model
-        save_pretrained_atomic(merged(core), tokenizer, Path(config["out_dir"]) / "student")
+
+def save_student(model, full_state, config: dict[str, Any], tokenizer, target: Path) -> None:
+    """The trained student as a plain HF folder (safetensors): unsharded (FSDP) and with LoRA adapters merged."""
+    from tasks.models import load_causal_lm, save_pretrained_atomic
+    from tasks.train.lora import merged
+
+    if full_state is not None:  # sharded: a plain copy for save_pretrained
+        core = load_causal_lm(config["student_dir"])
+        core.load_state_dict(full_state)
+    else:
+        core = model.module if hasattr(model, "module") else model
+    save_pretrained_atomic(merged(core), tokenizer, target)
+
+
+def copy_folder_atomic(source: Path, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(target.name + ".tmp-copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:

@@ -32,6 +32,21 @@ def checkpoint_storage(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     return {"name": f"train-{out_dir.name}", "storage_path": where.path, "storage_filesystem": where.fs}
 
 
+def fetch_student(checkpoint, target: Path) -> None:
+    """Copy the student folder out of a Ray Train checkpoint (local, shared or object storage) to `target`."""
+    import shutil
+
+    with checkpoint.as_directory() as folder:
+        source = Path(folder) / "student"
+        if not (source / "config.json").exists():
+            return
+        tmp = target.with_name(target.name + ".tmp-fetch")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
+
 def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
     import ray
@@ -48,7 +63,12 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
     if not cfg.use_gpu and cfg.num_workers > cpus:
         raise TrainingError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-probe").write_bytes(b"ok")
+        (out_dir / ".write-probe").unlink()
+    except OSError as exc:
+        raise TrainingError(f"training output folder {out_dir} is not writable ({exc}); fix permissions or set data_dir") from exc
     checkpoint_storage(cfg, out_dir)  # refuses an unwritable place before any worker starts
     cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
     loop_config = {
@@ -78,6 +98,8 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
     if result.error:
         raise TrainingError(f"training failed: {result.error}")
     checkpoint = out_dir / "student"
+    if not (checkpoint / "config.json").exists() and result.checkpoint is not None:
+        fetch_student(result.checkpoint, checkpoint)  # the workers wrote it on a filesystem this driver does not see
     if not (checkpoint / "config.json").exists():
         raise TrainingError(f"training finished without a checkpoint at {checkpoint}")
     return {"checkpoint": str(checkpoint), "log": str(out_dir / "train_log.jsonl")}
