@@ -125,7 +125,12 @@ class TrainConfig(StageConfig):
         "state sharded across workers (fsdp, torch FSDP2) for students that do not fit one device.",
     )
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end) instead of all weights.")
-    length_bucketing: bool = Field(True, description="Batch sequences of similar length together (within a shard) to cut padding.")
+    length_bucketing: bool = Field(
+        False, description="Batch sequences of similar length together (within a shard) to cut padding. Off by default: "
+        "bucketed batches are no longer random samples of the data, and where length tracks content they are one kind "
+        "of example each (on the demo task held-out exact match fell from 0.70 to 0.08 at 300 steps). Turn on for long, "
+        "varied sequences where padding dominates, and check the held-out metrics.",
+    )
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")

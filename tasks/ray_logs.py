@@ -32,6 +32,29 @@ def format_batch(data: dict) -> list[str]:
     return [f"[{who} pid={data.get('pid')}] {line}" for line in data.get("lines", []) if line.strip()]
 
 
+class RunLogFilter:
+    """Which worker batches reach the run log.
+
+    Dropped: the autoscaler's periodic status dumps (Ray ships them to the
+    driver; dozens of lines every few seconds, none about the run) unless a line
+    warns or errs; and a batch repeating the previous batch of the same process
+    word for word (Ray Train workers' prints reach the driver twice).
+    """
+
+    def __init__(self):
+        self.last: dict[object, tuple[str, ...]] = {}
+
+    def keep(self, data: dict) -> bool:
+        lines = tuple(data.get("lines", []))
+        if data.get("pid") == "autoscaler":
+            return any(word in line for line in lines for word in ("WARN", "ERROR", "Error", "failed"))
+        key = data.get("pid")
+        if self.last.get(key) == lines:
+            return False
+        self.last[key] = lines
+        return True
+
+
 @contextmanager
 def ray_output_to(log_fn: Callable[[str], None]) -> Iterator[None]:
     dispatcher = _dispatcher()
@@ -40,9 +63,12 @@ def ray_output_to(log_fn: Callable[[str], None]) -> Iterator[None]:
         yield
         return
     name = f"stillhouse-run-log-{next(_ids)}"
+    kept = RunLogFilter()
 
     def handler(data: dict) -> None:
         try:
+            if not kept.keep(data):
+                return
             for line in format_batch(data):
                 log_fn(line)
         except Exception:  # never break Ray's log thread over a run-log hiccup

@@ -52,7 +52,7 @@ def open_stream(config: dict[str, Any], rank: int, world: int, tokenizer_hash: s
 
     stream = ShardStream([s["rows"] for s in manifest["shards"]], read_shard, rank=rank, world=world,
                          batch_size=config["batch_size"] // world, seed=config["seed"],
-                         bucket_by_length=config.get("length_bucketing", True))
+                         bucket_by_length=config.get("length_bucketing", False))
     return stream, int(manifest["metadata"]["k"])
 
 

@@ -6,9 +6,12 @@ resumed at step s opens the shard that step s falls in, skips the batches
 before it, and sees exactly the batches an uninterrupted run would.
 
 Epoch e on a rank: its shards in an order shuffled by (seed, e, rank); in each
-shard the rows shuffled by (seed, e, shard), then - with length bucketing -
-sorted by length into batches of similar lengths (less padding) whose order is
-shuffled again. A rank with as many shards as ranks or more owns whole shards
+shard the rows shuffled by (seed, e, shard), then cut into batches. Optional
+length bucketing sorts the shuffled rows by length first (less padding) and
+shuffles the batch order; it is off by default because such batches are not
+random samples (see TrainConfig.length_bucketing).
+
+A rank with as many shards as ranks or more owns whole shards
 (disjoint across ranks); with fewer shards than ranks every rank reads every
 shard and keeps rows rank::world.
 """
@@ -54,7 +57,7 @@ class ShardStream:
     """
 
     def __init__(self, shard_rows: list[int], read_shard: Callable[[int], list[Record]], *, rank: int, world: int,
-                 batch_size: int, seed: int, bucket_by_length: bool = True):
+                 batch_size: int, seed: int, bucket_by_length: bool = False):
         self.read_shard, self.rank, self.world = read_shard, rank, world
         self.batch_size, self.seed, self.bucket_by_length = batch_size, seed, bucket_by_length
         owned = worker_shards(len(shard_rows), rank, world)
