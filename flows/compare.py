@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     prepared = setup["prepared"]
     prompts = read_prompts(prepared["splits"][prepared["eval_split"]]["path"])
     results = {"primary_metric": "exact_match", "steps": steps, "batch_size": cfg.batch_size, "support": cfg.support,
-               "top_k": setup["config"].teacher.top_k, "eval_examples": len(prompts), "methods": {}}
+               "top_k": setup["config"].teacher.top_k, "eval_examples": len(prompts), "commit": _commit(),
+               "date": time.strftime("%Y-%m-%d"), "methods": {}}
     for method in args.methods:
         runs = []
         for seed in range(args.seeds):
@@ -115,10 +116,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def render_table(results: dict) -> str:
     lines = [f"# KD objectives compared ({results['steps']} steps, batch {results['batch_size']}, k={results['top_k']}, "
              f"support={results['support']}, {results['eval_examples']} held-out prompts)", "",
-             "Mean ± sample standard deviation over seeds. Reproduce: `make compare`.", "",
+             "Mean ± sample standard deviation over seeds. Reproduce: `make compare`"
+             + (f" (this table: commit {results['commit']}, {results['date']})." if results.get("commit") else "."), "",
              "| method | exact match | ROUGE-L | KL to teacher |", "|---|---|---|---|"]
     for method, entry in results["methods"].items():
         cells = []
