@@ -1,6 +1,7 @@
 """Soft-label storage and capture benchmark: codec size and error, and capture overhead.
 
     python bench/capture.py --quick     # < 10 min on 2 cores (demo teacher)
+    python bench/capture.py --quick --larger   # also capture overhead on a ~60M-parameter, 32k-vocabulary model
     python bench/capture.py             # more sequences and repeats
 
 Needs the demo assets (built once, reused): --demo-dir (default stillhouse-data),
@@ -225,6 +226,35 @@ def measure_codecs(rows: list[dict], vocab: int, k: int, codecs: list[str], work
 
 # --- capture overhead ------------------------------------------------------------------------
 
+def larger_teacher(root: Path, log=print) -> Path:
+    """A ~60M-parameter Llama (8 layers x 512, untied 32k BPE vocabulary) for timing capture at a realistic size.
+
+    Random weights: timing does not depend on what the weights say, only on
+    the shapes and on how many tokens are generated (plain generation and
+    capture use the same seeds, so the same tokens). Its labels are not used
+    for codec numbers (near-uniform; see the code-32k rows for those).
+    Built once under root/capture-lm-60m/ and reused.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.code_lm import train_tokenizer
+    from tasks.models import save_pretrained_atomic
+
+    out = Path(root) / "capture-lm-60m"
+    if (out / "config.json").exists():
+        return out
+    tok = train_tokenizer(Path(root) / "capture-lm-tokenizer", 32_000, 20 << 20)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    log(f"capture-lm: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocab {len(tok)}")
+    save_pretrained_atomic(model, tok, out)
+    return out
+
+
 def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: int, workdir: Path) -> dict:
     from vllm import SamplingParams
 
@@ -266,6 +296,10 @@ def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: 
     rate = {name: tokens[name] / statistics.median(ts) for name, ts in times.items()}
     # The capture's own labels, for the codec table at the real vLLM output.
     real = generate_rows(llm, prompts, split="train", k=k, teacher_key="bench", **sampling)
+    del llm  # the engine's processes exit with it, before another engine starts
+    import gc
+
+    gc.collect()
     return {
         "engine_start_s": round(start_s, 1),
         "prompts": len(prompts),
@@ -282,16 +316,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--demo-dir", default=os.environ.get("STILLHOUSE_DATA_DIR", "stillhouse-data"))
-    parser.add_argument("--teacher-steps", type=int, default=1000)
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="demo teacher's training steps (default: the pipeline's data.demo_teacher_steps, so the "
+                             "demo's own assets are reused, never rebuilt with another recipe)")
     parser.add_argument("--skip-capture", action="store_true", help="codec measurements only (no vLLM)")
     parser.add_argument("--code-lm", action="store_true",
                         help="also measure labels of small code LMs with 32k and 152k BPE vocabularies (built once under "
                              "<demo-dir>/bench, slow the first time)")
     parser.add_argument("--code-lm-vocabs", type=int, nargs="+", default=[32_000, 152_064])
+    parser.add_argument("--larger", action="store_true",
+                        help="also time capture on a ~60M-parameter model with a 32k vocabulary (random weights; built once "
+                             "under <demo-dir>/bench)")
     parser.add_argument("--only-code-lm", action="store_true",
                         help="codec on the code LMs' labels only (no demo assets, no Zipf remaps, no capture)")
     args = parser.parse_args()
+    from tasks.config import DataConfig
     from tasks.demo.assets import ensure_demo_assets
+
+    default_steps = DataConfig().demo_teacher_steps
+    if args.teacher_steps is None:
+        args.teacher_steps = default_steps
+    # Another recipe gets its own folder: the demo's assets (and the registry's lineage) stay as they are.
+    demo_root = Path(args.demo_dir) if args.teacher_steps == default_steps else Path(args.demo_dir) / "bench" / f"demo-teacher-{args.teacher_steps}"
 
     num_seqs = 500 if args.quick else 3000
     rng = np.random.default_rng(0)
@@ -301,7 +347,7 @@ def main() -> None:
     if args.only_code_lm:
         args.code_lm, args.skip_capture = True, True
     else:
-        assets = ensure_demo_assets(Path(args.demo_dir), teacher_steps=args.teacher_steps)
+        assets = ensure_demo_assets(demo_root, teacher_steps=args.teacher_steps)
         profiles = demo_profiles(assets, num_seqs, kmax=64)
         vocabs = {"demo": profiles, "zipf-32k": zipf_remap(profiles, 32_000, rng), "zipf-152k": zipf_remap(profiles, 152_064, rng)}
     if args.code_lm:
@@ -326,6 +372,13 @@ def main() -> None:
             real = cap.pop("_rows")
             report["capture"] = cap
             report["codec"]["vllm-capture-demo/k20"] = measure_codecs(real, profiles["vocab_size"], 20, list(CODECS), work)
+            if args.larger:
+                model = larger_teacher(Path(args.demo_dir) / "bench")
+                cap = capture_overhead({"teacher": str(model), "dataset": assets["dataset"]}, 256 if args.quick else 1024,
+                                       3 if args.quick else 5, 20, work)
+                cap.pop("_rows")
+                cap["model"] = "llama 8x512, vocab 32000, ~60M parameters, random weights"
+                report["capture_larger"] = cap
     print(json.dumps(report))
 
 
