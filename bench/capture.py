@@ -255,7 +255,10 @@ def larger_teacher(root: Path, log=print) -> Path:
     return out
 
 
-def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: int, workdir: Path) -> dict:
+def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: int, workdir: Path,
+                     keep_rows: bool = True) -> dict:
+    """Plain vs capturing generation, side by side; with keep_rows, one more capture pass whose labels are returned
+    as "_rows" (the codec table at real vLLM output)."""
     from vllm import SamplingParams
 
     from tasks.config import EngineConfig
@@ -295,7 +298,7 @@ def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: 
             times[name].append(time.perf_counter() - t)
     rate = {name: tokens[name] / statistics.median(ts) for name, ts in times.items()}
     # The capture's own labels, for the codec table at the real vLLM output.
-    real = generate_rows(llm, prompts, split="train", k=k, teacher_key="bench", **sampling)
+    real = generate_rows(llm, prompts, split="train", k=k, teacher_key="bench", **sampling) if keep_rows else None
     del llm  # the engine's processes exit with it, before another engine starts
     import gc
 
@@ -375,7 +378,7 @@ def main() -> None:
             if args.larger:
                 model = larger_teacher(Path(args.demo_dir) / "bench")
                 cap = capture_overhead({"teacher": str(model), "dataset": assets["dataset"]}, 256 if args.quick else 1024,
-                                       3 if args.quick else 5, 20, work)
+                                       3 if args.quick else 5, 20, work, keep_rows=False)
                 cap.pop("_rows")
                 cap["model"] = "llama 8x512, vocab 32000, ~60M parameters, random weights"
                 report["capture_larger"] = cap

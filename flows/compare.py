@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from tasks.config import default_data_dir
     from tasks.data import read_prompts
     from tasks.evaluate.distribution import distribution_scores
+    from tasks.identity import code_version
     from tasks.train.loop import train
     from tasks.train.runtime import LocalRuntime
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     prepared = setup["prepared"]
     prompts = read_prompts(prepared["splits"][prepared["eval_split"]]["path"])
     results = {"primary_metric": "exact_match", "steps": steps, "batch_size": cfg.batch_size, "support": cfg.support,
-               "top_k": setup["config"].teacher.top_k, "eval_examples": len(prompts), "commit": _commit(),
+               "top_k": setup["config"].teacher.top_k, "eval_examples": len(prompts), "commit": code_version()[:7],
                "date": time.strftime("%Y-%m-%d"), "methods": {}}
     for method in args.methods:
         runs = []
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             (out_dir / "train_log.jsonl").unlink(missing_ok=True)
             started = time.time()
             train({**cfg.model_dump(include={"support", "temperature", "objective_params", "batch_size", "learning_rate",
-                                              "weight_decay", "warmup_steps", "grad_clip", "grad_accum_steps"}),
+                                              "weight_decay", "warmup_steps", "grad_clip", "grad_accum_steps", "length_bucketing"}),
                    "objective": method, "steps": steps, "seed": seed, "checkpoint_every": steps + 1,
                    "student_dir": setup["student"], "manifest": setup["labels"]["train"], "out_dir": str(out_dir),
                    "threads_per_worker": torch.get_num_threads(), "log_every": max(1, steps // 5)}, LocalRuntime())
@@ -116,14 +117,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
+def mean_and_spread(entry: dict, metric: str) -> tuple[float, float]:
+    """Mean and sample standard deviation of one method's metric over its seeds (spread 0 for one seed)."""
+    values = [r[metric] for r in entry["runs"]]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def render_table(results: dict) -> str:
@@ -135,9 +132,8 @@ def render_table(results: dict) -> str:
     for method, entry in results["methods"].items():
         cells = []
         for metric in ("exact_match", "rouge_l", "kl_to_teacher"):
-            values = [r[metric] for r in entry["runs"]]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.3f} ± {spread:.3f}")
+            mean, spread = mean_and_spread(entry, metric)
+            cells.append(f"{mean:.3f} ± {spread:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", *verdict(results)]
     return "\n".join(lines) + "\n"
@@ -148,8 +144,7 @@ def verdict(results: dict) -> list[str]:
     metric, methods = results["primary_metric"], results["methods"]
     if "ce" not in methods or len(methods) < 2:
         return []
-    stats = {m: (statistics.fmean(v := [r[metric] for r in e["runs"]]), statistics.stdev(v) if len(v) > 1 else 0.0)
-             for m, e in methods.items()}
+    stats = {m: mean_and_spread(e, metric) for m, e in methods.items()}
     best = max((m for m in stats if m != "ce"), key=lambda m: stats[m][0])
     gap, spread = stats[best][0] - stats["ce"][0], max(stats[best][1], stats["ce"][1])
     outcome = "beats" if gap > spread else "does not beat"

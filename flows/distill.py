@@ -134,6 +134,7 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
     from storage import soft_labels
     from storage.registry import ModelRegistry
     from tasks.approval import request_approval
+    from tasks.identity import code_version
     from tasks.promote import run_promotion_stage
     from tasks.report import write_report
 
@@ -146,7 +147,7 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
         "eval_set_sha256": prepared["splits"][prepared["eval_split"]]["sha256"],
         "train_config": config.train.model_dump(),
         "train_key": trained["key"],
-        "code_version": _code_version(),
+        "code_version": code_version(),
     }
     approve = (lambda record: request_approval(record, config.promotion.approval_timeout_s)) if config.promotion.require_approval else None
     decision = run_promotion_stage(config.promotion, registry_dir, trained["checkpoint"], evaluated["metrics"], lineage,
@@ -162,17 +163,6 @@ def gate_and_promote(config: PipelineConfig, prepared: dict[str, Any], labels: d
     create_table_artifact(key="run-comparison", table=report["table"])
     decision["report"] = {"md": report["report_md"], "png": report["report_png"]}
     return decision
-
-
-def _code_version() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except Exception:
-        from importlib.metadata import version
-
-        return version("stillhouse")
 
 
 @flow(name="distill", log_prints=True)

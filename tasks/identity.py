@@ -33,3 +33,16 @@ def model_identity(model_dir: str) -> str:
 
 def stage_key(stage: str, **parts: Any) -> str:
     return f"{stage}-{sha256_json({'stage': stage, 'version': STAGE_VERSIONS[stage], **parts})[:16]}"
+
+
+def code_version() -> str:
+    """The git commit of this checkout, or the installed package version outside a checkout (lineage, result files)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+    except Exception:
+        from importlib.metadata import version
+
+        return version("stillhouse")
