@@ -112,8 +112,14 @@ class Objective:
         vocab = logits.shape[-1]
         plan = plan_chunks(mask, self.chunk_size or auto_chunk_size(vocab), row_break)
         rows = plan.rows
-        tau = self.temperature
+        groups = self.student_groups(labels, rows)
+        outs = gather_student_logprobs(logits, plan, groups)
+        return self.loss_from_student_logprobs(outs, labels, rows, mask, num_valid_tokens)
 
+    def student_groups(self, labels: SparseLabels, rows: Tensor) -> list[tuple[float, Tensor]]:
+        """The (temperature, ids [N, m]) groups the student log-softmax is read at, for the valid flat
+        positions ``rows``: the teacher's top-k at tau, the target at 1 (one group when tau == 1)."""
+        tau = self.temperature
         need_teacher = any(t.definition.uses_teacher for t in self.terms)
         need_target = any(not t.definition.uses_teacher for t in self.terms)
         groups: list[tuple[float, Tensor]] = []
@@ -129,7 +135,16 @@ class Objective:
                 groups[0] = (tau, torch.cat([groups[0][1], tgt], dim=1))
             else:
                 groups.append((1.0, tgt))
-        outs = gather_student_logprobs(logits, plan, groups)
+        return groups
+
+    def loss_from_student_logprobs(
+        self, outs: list[Tensor], labels: SparseLabels, rows: Tensor, mask: Tensor, num_valid_tokens=None
+    ) -> Tensor:
+        """The loss from the gathered student log-probs (``outs``, one per group of ``student_groups``);
+        shared by this logits path and the fused hidden-state path (``fused_head.py``)."""
+        tau = self.temperature
+        need_teacher = any(t.definition.uses_teacher for t in self.terms)
+        need_target = any(not t.definition.uses_teacher for t in self.terms)
 
         buckets = target_lp = None
         if need_teacher:
