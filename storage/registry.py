@@ -14,16 +14,15 @@ live on any local or shared filesystem and be inspected with `cat`.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -127,11 +126,14 @@ class ModelRegistry:
 
     # ----- versions -------------------------------------------------------------------
 
-    def register(self, model_dir: str | Path, *, lineage: dict, metrics: dict, decision: dict) -> RegistryEntry:
+    def register(self, model_dir: str | Path, *, lineage: dict, metrics: dict, decision: dict,
+                 before_publish: Callable[[Path, RegistryEntry], Any] | None = None) -> RegistryEntry:
         """Copy a model folder in as the next version; visible to readers only once complete.
 
         The (slow) copy goes to a private temp folder outside the lock; the lock is held
         only to pick the number, write entry.json and rename, so writers never collide.
+        `before_publish(staging_folder, entry)` adds files (e.g. the model card,
+        tasks.model_card.write_card_for_entry) before the version becomes visible.
         """
         src = Path(model_dir)
         if not src.is_dir():
@@ -151,6 +153,8 @@ class ModelRegistry:
                     lineage=lineage, metrics=metrics, decision=decision,
                 )
                 write_json(staging / ENTRY_NAME, entry.model_dump())
+                if before_publish is not None:
+                    before_publish(staging, entry)
                 _fsync_dir(staging)
                 os.rename(staging, final)
                 _fsync_dir(self.versions_dir)
@@ -300,107 +304,4 @@ class ModelRegistry:
             return self.get(stack[-2])
 
 
-# ----- CLI ----------------------------------------------------------------------------
-
-
-def default_registry_path() -> str:
-    if os.environ.get("STILLHOUSE_REGISTRY"):
-        return os.environ["STILLHOUSE_REGISTRY"]
-    data_dir = os.environ.get("STILLHOUSE_DATA_DIR")
-    return str(Path(data_dir) / "registry") if data_dir else str(Path("stillhouse-data") / "registry")
-
-
-def _metric_value(raw: Any) -> float | None:
-    if isinstance(raw, dict):
-        raw = raw.get("value")
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    return None
-
-
-KEY_METRICS = ("exact_match", "rouge_l", "kl_to_teacher")
-
-
-def _key_metrics(metrics: dict, limit: int = 3) -> str:
-    if isinstance(metrics.get("student"), dict):  # the flow stores {"student": {...}, "teacher": {...}}
-        metrics = metrics["student"]
-    names = [m for m in KEY_METRICS if m in metrics] + sorted(m for m in metrics if m not in KEY_METRICS)
-    shown = [f"{m}={v:.4g}" for m in names if (v := _metric_value(metrics[m])) is not None][:limit]
-    return " ".join(shown) or "-"
-
-
-def _table(registry: ModelRegistry) -> str:
-    aliases = registry.aliases()
-    by_version: dict[str, list[str]] = {}
-    for name, version in sorted(aliases.items()):
-        by_version.setdefault(version, []).append(name)
-    rows = [("VERSION", "CREATED", "ALIASES", "GATE", "METRICS")]
-    for e in registry.versions():
-        gate = e.decision.get("promoted")
-        rows.append((
-            e.version, e.created_at, ",".join(by_version.get(e.version, [])) or "-",
-            "-" if gate is None else ("pass" if gate else "fail"), _key_metrics(e.metrics),
-        ))
-    if len(rows) == 1:
-        return f"(no versions in {registry.root})"
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", default=None, help="registry folder (default: $STILLHOUSE_REGISTRY, else $STILLHOUSE_DATA_DIR/registry, else ./stillhouse-data/registry)")
-    parser = argparse.ArgumentParser(prog="stillhouse registry", description="Inspect the model registry and move the champion.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", parents=[common], help="all versions with aliases and key metrics")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("show", parents=[common], help="one version's lineage, metrics and gate decision")
-    p.add_argument("ref", metavar="VERSION|ALIAS")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("promote", parents=[common], help="make VERSION the champion (bypasses the gate; say why)")
-    p.add_argument("ref", metavar="VERSION")
-    p.add_argument("--reason", default="manual promotion (CLI)")
-    p = sub.add_parser("rollback", parents=[common], help="restore the champion before the last promotion")
-    p.add_argument("--reason", default="manual rollback (CLI)")
-    return parser
-
-
-def registry_main(argv: list[str]) -> int:
-    """`stillhouse registry ...`; returns the exit status (0 ok, 1 registry error, 2 usage)."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse exits on usage errors and --help
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        registry = ModelRegistry(args.registry or default_registry_path(), create=False)
-        if args.command == "list":
-            if args.json:
-                print(json.dumps({"versions": [e.model_dump() for e in registry.versions()], "aliases": registry.aliases()}, indent=2, default=str))
-            else:
-                print(_table(registry))
-        elif args.command == "show":
-            entry = registry.resolve(args.ref)
-            marks = sorted(n for n, v in registry.aliases().items() if v == entry.version)
-            if args.json:
-                print(json.dumps({**entry.model_dump(), "aliases": marks}, indent=2, default=str))
-            else:
-                print(f"version:  {entry.version}\npath:     {entry.path}\ncreated:  {entry.created_at}\naliases:  {', '.join(marks) or '-'}")
-                for key in ("decision", "metrics", "lineage"):
-                    print(f"{key}:\n  " + json.dumps(getattr(entry, key), indent=2, sort_keys=True, default=str).replace("\n", "\n  "))
-        elif args.command == "promote":
-            before = registry.aliases().get(CHAMPION)
-            entry = registry.resolve(args.ref)
-            registry.promote(entry.version, reason=args.reason)
-            print(f"champion: {before or '-'} -> {entry.version}")
-        elif args.command == "rollback":
-            before = registry.aliases().get(CHAMPION)
-            entry = registry.rollback(reason=args.reason)
-            print(f"champion: {before or '-'} -> {entry.version}")
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(registry_main(sys.argv[1:]))
+# The command line (`stillhouse registry ...`) is flows/registry_cli.py.
