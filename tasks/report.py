@@ -143,7 +143,7 @@ def render_markdown(run_dir: Path, metrics: Mapping, decision: Mapping, champion
         better = "lower" if m in LOWER_IS_BETTER else "higher"
         lines.append(f"| {m} | {better} | " + " | ".join(format_cell(_stat(sides[w], m)) for w in WHO) + " |")
     if champion is None:
-        lines += ["", "No champion before this run: champion rules pass by definition."]
+        lines += ["", "No champion before this run: champion rules are not evaluable and were skipped (tasks/gate.py)."]
     notes = _eval_notes(metrics)
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
@@ -151,7 +151,7 @@ def render_markdown(run_dir: Path, metrics: Mapping, decision: Mapping, champion
     lines += ["", "## Gate rules", "", "| rule | metric | kind | value | threshold | passed | reason |", "|---|---|---|---|---|---|---|"]
     for r in decision.get("rules", []):
         lines.append(f"| {_cell(r.get('name'))} | {_cell(r.get('metric', ''))} | {_cell(r.get('kind', ''))} | {_num(r.get('value'))} | "
-                     f"{_num(r.get('threshold'))} | {'pass' if r.get('passed') else 'FAIL'} | {_cell(r.get('reason', ''))} |")
+                     f"{_num(r.get('threshold'))} | {'n/a' if r.get('status') == 'not_evaluable' else 'pass' if r.get('passed') else 'FAIL'} | {_cell(r.get('reason', ''))} |")
 
     lines += ["", "## Files", "", f"![metrics and training curve]({png.name})", "", "| file | path |", "|---|---|"]
     for label, path in _files(run_dir, train_log, png, decision, files):
