@@ -3,14 +3,17 @@
 Sequence = prompt + response. The student's logits at index i predict token
 i+1, so the teacher label for response token t sits at index P + t - 1 of the
 shifted logits, where P is the prompt length. Labels are placed there; all
-other positions are masked out.
+other positions are masked out. ``num_pad_tokens`` counts the pad tokens (padding waste
+= num_pad_tokens / input_ids.numel()); ``tasks.train.packing`` packs instead of padding.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from tasks.train.packing import collate_packed
 
 
 def collate(records: list[dict[str, Any]], pad_id: int, k: int) -> dict[str, torch.Tensor]:
@@ -36,4 +39,19 @@ def collate(records: list[dict[str, Any]], pad_id: int, k: int) -> dict[str, tor
         target[i, span] = response
         mask[i, span] = True
     return {"input_ids": input_ids, "attention_mask": attention, "ids": ids, "logprobs": logprobs,
-            "tail_logmass": tail, "target_ids": target, "mask": mask}
+            "tail_logmass": tail, "target_ids": target, "mask": mask,
+            "num_pad_tokens": torch.tensor(batch * length - sum(lengths))}
+
+
+def make_collate(packing: bool) -> Callable[[list[dict[str, Any]], int, int], dict[str, torch.Tensor]]:
+    """``collate`` (one padded row per sequence) or ``packing.collate_packed`` (several sequences per row)."""
+    return collate_packed if packing else collate
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments of the student's forward for a padded or a packed batch."""
+    if "position_ids" in batch:
+        # Packed: no attention_mask and no KV cache (transformers builds one by default, use_cache=True in the
+        # config, and then skips packed-sequence detection), so the mask is read from the position-id resets.
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

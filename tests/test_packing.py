@@ -1,0 +1,114 @@
+"""Sequence packing: rows within budget, labels at the right shifted positions, attention that stays inside each
+sequence (packed logits = each sequence run alone), and the same loss and gradients as the padded batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.objectives import SparseLabels, build_objective
+from tasks.train.batches import collate, model_inputs
+from tasks.train.packing import collate_packed, first_fit, padding_waste
+
+K = 3
+
+
+def record(prompt_len: int, response_len: int, vocab: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    lp = np.sort(np.log(rng.dirichlet(np.ones(K + 1)))[:K])[::-1].astype(np.float32)
+    return {"prompt_ids": rng.integers(1, vocab, prompt_len), "response_ids": rng.integers(1, vocab, response_len),
+            "topk_ids": rng.integers(0, vocab, (response_len, K)),
+            "topk_logprobs": np.tile(lp, (response_len, 1)) - rng.random((response_len, 1)).astype(np.float32),
+            "tail_logmass": np.full(response_len, -1.5, dtype=np.float32)}
+
+
+def varied_records(vocab=97, n=7):
+    shapes = [(5, 9), (3, 2), (8, 12), (2, 3), (4, 1), (6, 6), (3, 4)][:n]
+    return [record(p, r, vocab, seed=i) for i, (p, r) in enumerate(shapes)]
+
+
+def tiny_model(arch: str, attn: str, vocab=97):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    model.config._attn_implementation = attn
+    return model.float().eval()
+
+
+def test_first_fit_respects_budget_and_places_each_sequence_once():
+    lengths = [7, 3, 9, 2, 5, 5, 1, 12]
+    rows = first_fit(lengths, budget=10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows if len(row) > 1)
+    assert [7] in rows  # 12 > budget: a row of its own
+    assert rows == first_fit(lengths, budget=10)  # deterministic
+    assert len(rows) == 5  # 12 | 9+1 | 7+3 | 5+5 | 2
+    with pytest.raises(ValueError):
+        first_fit([1], 0)
+
+
+def test_packed_labels_sit_where_each_sequence_predicts_them():
+    records = varied_records()
+    padded, packed = collate(records, 0, K), collate_packed(records, 0, K)
+    assert packed["input_ids"].shape[0] < len(records) and packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    assert int(packed["mask"].sum()) == int(padded["mask"].sum())
+    # shifted position i predicts input token i + 1, inside the same sequence
+    assert torch.equal(packed["target_ids"][packed["mask"]], packed["input_ids"][:, 1:][packed["mask"]])
+    assert torch.all(packed["position_ids"][:, 1:][packed["mask"]] > 0)  # never a sequence's first token
+    # the same label rows, only placed elsewhere
+    for key in ("ids", "logprobs", "tail_logmass", "target_ids"):
+        a, b = padded[key][padded["mask"]], packed[key][packed["mask"]]
+        assert sorted(map(str, a.tolist())) == sorted(map(str, b.tolist())), key
+    used = sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in records)
+    assert int(padded["num_pad_tokens"]) == padded["input_ids"].numel() - used
+    assert int(packed["num_pad_tokens"]) == packed["input_ids"].numel() - used
+    assert padding_waste([packed]) < padding_waste([padded])
+    assert padding_waste([collate([records[0]], 0, K)]) == 0.0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_logits_equal_each_sequence_alone(arch, attn):
+    model = tiny_model(arch, attn)
+    records = varied_records()
+    packed = collate_packed(records, 0, K)
+    with torch.no_grad():
+        logits = model(**model_inputs(packed)).logits
+        layout = first_fit([len(r["prompt_ids"]) + len(r["response_ids"]) for r in records],
+                           packed["input_ids"].shape[1])
+        for b, row in enumerate(layout):
+            offset = 0
+            for i in row:
+                seq = torch.as_tensor(np.concatenate([records[i]["prompt_ids"], records[i]["response_ids"]]))[None]
+                alone = model(input_ids=seq).logits[0]
+                torch.testing.assert_close(logits[b, offset : offset + seq.shape[1]], alone, rtol=1e-5, atol=1e-5)
+                offset += seq.shape[1]
+    assert sum(len(row) > 1 for row in layout) >= 2, "the case must pack several sequences into a row"
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_head"])
+def test_packed_loss_and_gradients_equal_padded(fused):
+    from tasks.objectives.fused_head import FusedHead
+
+    model = tiny_model("llama", "sdpa")
+    records = varied_records()
+    objective = build_objective("fkl+ce")
+    grads = []
+    for batch in (collate(records, 0, K), collate_packed(records, 0, K)):
+        model.zero_grad()
+        labels = SparseLabels(batch["ids"], batch["logprobs"], batch["tail_logmass"], batch["target_ids"])
+        if fused:
+            hidden = model.model(**model_inputs(batch)).last_hidden_state[:, :-1]
+            loss = FusedHead(objective).loss(hidden, model.lm_head.weight, labels, batch["mask"])
+        else:
+            loss = objective(model(**model_inputs(batch)).logits[:, :-1], labels, batch["mask"])
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, ga), (loss_b, gb) = grads
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
