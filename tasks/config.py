@@ -7,6 +7,7 @@ and reject unknown keys so a misspelt setting is an error, not a silent default.
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -28,26 +29,75 @@ class DataConfig(StageConfig):
 
     source: str = Field(
         "demo",
-        description="'demo' for the built-in task, a local folder with train/validation/test .jsonl or .parquet files, "
-        "or a Hugging Face dataset id (needs a reachable hub).",
+        description="'demo' for the built-in task; a local folder with one file per split (train.jsonl, test.parquet, or "
+        "shards such as train-*.jsonl or train/*.parquet); a Hugging Face dataset id (needs a reachable hub); or one file or "
+        "glob (data/*.jsonl) together with data.eval_fraction.",
     )
-    prompt_field: str = Field("prompt", description="Column holding the instruction text.")
-    reference_field: str | None = Field("references", description="Column with acceptable answers (a string or list of strings); None if absent.")
+    format: Literal["auto", "prompt", "messages", "alpaca"] = Field(
+        "auto",
+        description="Row layout. prompt: a prompt column (data.prompt_field) and optional references (data.reference_field); "
+        "messages: a list of {role, content} turns, the prompt is every turn before the last assistant turn (rendered with "
+        "the tokenizer's chat template), that turn is the reference; alpaca: instruction / input / output (output is the "
+        "reference). auto picks messages, then alpaca, then prompt from the columns present.",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the instruction text (format prompt).")
+    reference_field: str | None = Field(
+        "references", description="Column with acceptable answers (a string or list of strings); None if absent (format prompt).")
+    messages_field: str = Field("messages", description="Column holding the conversation (format messages).")
     train_split: str = "train"
     eval_split: str = "test"
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1,
+        description="Hold out this fraction of a single source (one file, a glob, or the train split of a hub dataset) as the "
+        "evaluation split: each row goes by a hash of its normalised prompt, so the split is deterministic and no prompt is "
+        "on both sides. None: read the evaluation split from its own file(s).",
+    )
+    allow_eval_overlap: bool = Field(
+        False,
+        description="Accept evaluation prompts that also appear among the training prompts (same normalised text) or share "
+        "an example id with them; they are counted in the prepared manifest's checks either way. False: such data is "
+        "refused before any model loads.",
+    )
     max_train_examples: int | None = Field(None, ge=1, description="Cap on training prompts (None: all).")
     max_eval_examples: int | None = Field(None, ge=1, description="Cap on held-out prompts (None: all).")
-    prompt_template: str = Field("{prompt}\nAnswer:", description="Applied when use_chat_template is false; must contain {prompt}.")
-    use_chat_template: bool = Field(False, description="Format prompts with the tokenizer's chat template (instruct models).")
+    prompt_template: str | None = Field(
+        None,
+        description="Text built from named columns, e.g. '{instruction}\\n\\n{input}' (formats prompt and alpaca; every "
+        "placeholder must be a column). None: '{prompt}\\nAnswer:' for prompt ('{prompt}' with the chat template), "
+        "'{instruction}' plus '\\n\\n{input}' when the input is not empty for alpaca.",
+    )
+    use_chat_template: bool = Field(
+        False, description="Format prompts with the tokenizer's chat template (instruct models); format messages always uses it.")
     demo_seed: int = Field(0, description="Seed of the generated demo task.")
     demo_teacher_steps: int = Field(1500, ge=1, description="Training steps of the demo teacher (built once, then reused).")
+    demo_task: Literal["qa", "transform", "classify", "mix"] = Field(
+        "qa", description="Built-in task family (data.source 'demo'): qa (arithmetic, opposites, colours...), transform "
+        "(uppercase, plurals, word order), classify (sentiment/topic labels as words), or mix (all three: multi-task). "
+        "Each has its own tokenizer, teacher and students, built once; evaluation prompts never occur in training.",
+    )
 
     @field_validator("prompt_template")
     @classmethod
-    def _has_placeholder(cls, value: str) -> str:
-        if "{prompt}" not in value:
-            raise ValueError("prompt_template must contain the placeholder {prompt}")
+    def _named_placeholders(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt_template {value!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}") from exc
+        if not names:
+            raise ValueError("prompt_template must contain at least one named placeholder such as {prompt} or {instruction}")
+        bad = [n for n in names if not n.isidentifier()]
+        if bad:
+            raise ValueError(f"prompt_template placeholders must be column names such as {{instruction}}, not {bad[0]!r}")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_splits(self) -> "DataConfig":
+        if self.train_split == self.eval_split:
+            raise ValueError(f"data.train_split and data.eval_split are both {self.train_split!r}: evaluation would run on "
+                             "training prompts; name two different splits, or set data.eval_fraction to hold out part of one")
+        return self
 
 
 class EngineConfig(StageConfig):
