@@ -1,0 +1,46 @@
+"""Curation settings: one typed model, validated before any row is read.
+
+Kept free of `tasks.config` imports so `tasks/config.py` can compose it into
+`PipelineConfig` without an import cycle.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FILTER_ORDER = ("exact_dedup", "near_dedup", "length", "repetition", "decontaminate", "self_score")
+
+
+class CurateConfig(BaseModel):
+    """Filters over a prompts table, applied in the order of FILTER_ORDER, each to the survivors of the one before."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    exact_dedup: bool = Field(True, description="Drop rows whose normalised prompt (NFKC, casefolded, whitespace collapsed) repeats an earlier row's.")
+    near_dedup: bool = Field(True, description="Drop rows whose word-shingle Jaccard similarity with an earlier kept row is >= near_dedup_threshold.")
+    near_dedup_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word shingles at or above which a row is a near-duplicate.")
+    near_dedup_shingle: int = Field(3, ge=1, description="Words per shingle for near-duplicate detection.")
+    near_dedup_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (candidate search only; the decision uses exact Jaccard).")
+    min_chars: int | None = Field(None, ge=0, description="Drop prompts shorter than this many characters.")
+    max_chars: int | None = Field(None, ge=1, description="Drop prompts longer than this many characters.")
+    min_tokens: int | None = Field(None, ge=0, description="Drop prompts with fewer tokens (column prompt_ids) than this.")
+    max_tokens: int | None = Field(None, ge=1, description="Drop prompts with more tokens (column prompt_ids) than this.")
+    max_repeated_ngram_share: float | None = Field(0.5, gt=0, le=1, description="Drop prompts whose share of repeated word n-grams (1 - distinct/total) exceeds this; None: off.")
+    repetition_ngram: int = Field(3, ge=1, description="n of the repetition filter's word n-grams.")
+    decontaminate: bool = Field(True, description="Drop prompts overlapping the held-out prompts (needs the held-out prompts).")
+    decontaminate_ngram: int = Field(8, ge=1, description="n of the decontamination word n-grams; a text shorter than n words is one n-gram of all its words.")
+    decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a prompt when at least this share of its word n-grams occurs in a held-out prompt.")
+    self_score_drop_fraction: float | None = Field(None, ge=0, lt=1, description="Drop this fraction of rows with the lowest teacher self-score (mean token log-likelihood); None: off.")
+    self_score_min: float | None = Field(None, description="Drop rows whose teacher self-score (mean token log-prob, nats) is below this; None: off.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "CurateConfig":
+        for lo, hi in (("min_chars", "max_chars"), ("min_tokens", "max_tokens")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{lo}={a} is greater than {hi}={b}; no prompt could pass")
+        return self
+
+    @property
+    def uses_self_score(self) -> bool:
+        return self.self_score_drop_fraction is not None or self.self_score_min is not None
