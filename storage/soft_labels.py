@@ -11,16 +11,21 @@ The format, its metadata and its invariants: storage/FORMAT.md.
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage.atomic import read_json, sha256_file, sha256_json, tmp_path_for, write_json
 from storage.codec import CODECS, DEFAULT_CODEC, FlatLabels, column_width, get_codec
+from storage.errors import UserError
 from storage.location import Location, locate
 
 SCHEMA_VERSION = 2
@@ -48,8 +53,8 @@ def schema_for(codec: str) -> pa.Schema:
 SCHEMA = schema_for(DEFAULT_CODEC)
 
 
-class SoftLabelError(ValueError):
-    """A soft-label file is missing, corrupt or incompatible; the message names it."""
+class SoftLabelError(UserError):
+    """A soft-label file is missing, corrupt or incompatible; the message names it (a UserError, so a ValueError)."""
 
 
 def shard_name(index: int) -> str:
@@ -221,23 +226,87 @@ def write_manifest(out_dir: Path, shards: list[dict[str, Any]], metadata: dict[s
 
 # --- reading ---------------------------------------------------------------------------
 
+def _corrupt(where: Location, problem: str) -> SoftLabelError:
+    return SoftLabelError(
+        f"{where}: {problem}; the manifest is truncated or corrupt: delete the folder {where.parent()} to relabel, "
+        "or rerun: the teacher stage rewrites it from the finished shards (an uploaded copy: upload the capture again, manifest last)"
+    )
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_structure(where: Location, manifest: Any) -> None:
+    """The keys and types every reader relies on, so a damaged manifest fails here, naming the field, not with a KeyError."""
+    if not isinstance(manifest, dict):
+        raise _corrupt(where, f"holds a JSON {type(manifest).__name__}, expected an object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise SoftLabelError(
+            f"{where}: field schema_version is {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
+            "recapture the labels with this version"
+        )
+    if not isinstance(manifest.get("shards"), list):
+        raise _corrupt(where, "field shards is missing or not a list")
+    if not isinstance(manifest.get("metadata"), dict):
+        raise _corrupt(where, "field metadata is missing or not an object")
+    for i, record in enumerate(manifest["shards"]):
+        if not isinstance(record, dict):
+            raise _corrupt(where, f"field shards[{i}] is not an object")
+        for field, ok, wanted in (("path", lambda x: isinstance(x, str) and x, "a file name"),
+                                  ("rows", _is_count, "a count"), ("sha256", lambda x: isinstance(x, str) and x, "a checksum")):
+            if not ok(record.get(field)):
+                raise _corrupt(where, f"field shards[{i}].{field} is {record.get(field)!r}, expected {wanted}")
+        if record.get("tokens") is not None and not _is_count(record["tokens"]):
+            raise _corrupt(where, f"field shards[{i}].tokens is {record['tokens']!r}, expected a count")
+    for total, field in (("num_rows", "rows"), ("num_tokens", "tokens")):
+        if total in manifest and all(r.get(field) is not None for r in manifest["shards"]):
+            summed = sum(r[field] for r in manifest["shards"])
+            if manifest[total] != summed:
+                raise _corrupt(where, f"field {total} is {manifest[total]!r} but its shards hold {summed} {field}")
+
+
+def _confine(where: Location, folder: Location, index: int, name: str) -> None:
+    """A shard path must name a file inside the manifest's folder: relative, no '..', no symlink leading out."""
+    field = f"field shards[{index}].path {name!r}"
+    fix = f"a manifest may only list shards inside its own folder {folder}; rerun the teacher stage to rewrite it"
+    if "\\" in name or "://" in name or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        raise SoftLabelError(f"{where}: {field} is absolute; {fix}")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise SoftLabelError(f"{where}: {field} is not a plain relative path (empty, '.' or '..' component); {fix}")
+    if isinstance(folder.fs, pafs.LocalFileSystem):  # object stores have no symlinks
+        root = os.path.realpath(folder.path)
+        target = os.path.realpath(os.path.join(folder.path, *parts))
+        if os.path.commonpath([root, target]) != root:
+            raise SoftLabelError(f"{where}: {field} resolves to {target} through a symlink, outside the folder; {fix}")
+
+
 def load_manifest(manifest_path: Path | str) -> dict[str, Any]:
-    """The manifest of a capture: a manifest file or its folder, as a local path or a URI (storage.location)."""
+    """The manifest of a capture: a manifest file or its folder, as a local path or a URI (storage.location).
+
+    Checked before any shard is opened: the structure (keys, types, totals) and that every shard path stays
+    inside the manifest's folder.
+    """
     where = locate(manifest_path)
     if where.is_dir():
         where = where.join(MANIFEST_NAME)
     if not where.exists():
         raise SoftLabelError(f"{where}: soft-label manifest not found; run the teacher stage first")
     try:
-        manifest = json.loads(where.read_bytes())
+        raw = where.read_bytes()
+    except OSError as exc:
+        raise SoftLabelError(f"{where}: cannot read the soft-label manifest ({exc}); check its permissions") from exc
+    try:
+        manifest = json.loads(raw)
     except ValueError as exc:
-        raise SoftLabelError(f"{where}: not a JSON manifest ({exc}); rerun the teacher stage") from exc
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise SoftLabelError(
-            f"{where}: field schema_version is {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}; "
-            "recapture the labels with this version"
-        )
-    manifest["_dir"] = str(where.parent())
+        raise _corrupt(where, f"not valid JSON ({exc})") from exc
+    _check_structure(where, manifest)
+    folder = where.parent()
+    for index, record in enumerate(manifest["shards"]):
+        _confine(where, folder, index, record["path"])
+    manifest["_dir"] = str(folder)
+    manifest["_manifest"] = str(where)
     return manifest
 
 
@@ -260,6 +329,25 @@ def _verify_shard(where: Location, record: dict[str, Any]) -> None:
         raise SoftLabelError(f"{where}: shard listed in the manifest is missing; rerun the teacher stage")
     if where.sha256() != record["sha256"]:
         raise SoftLabelError(f"{where}: checksum mismatch (truncated or modified); rerun the teacher stage to regenerate it")
+
+
+def _check_counts(where: Location, parquet: pq.ParquetFile, record: dict[str, Any], manifest_name: str) -> None:
+    """The shard holds the rows (and response tokens, where recorded) its manifest record says, before any row is used."""
+    rows = parquet.metadata.num_rows
+    if rows != record["rows"]:
+        raise SoftLabelError(
+            f"{where}: holds {rows} rows but {manifest_name} records {record['rows']} (field rows); the manifest does not "
+            "describe this shard: rerun the teacher stage to rewrite both"
+        )
+    if record.get("tokens") is None:
+        return
+    tokens = sum(int(pc.sum(batch.column(0).value_lengths()).as_py() or 0)
+                 for batch in parquet.iter_batches(columns=["response_ids"], batch_size=4096))
+    if tokens != record["tokens"]:
+        raise SoftLabelError(
+            f"{where}: holds {tokens} response tokens but {manifest_name} records {record['tokens']} (field tokens); "
+            "the manifest does not describe this shard: rerun the teacher stage to rewrite both"
+        )
 
 
 def _check_shard_metadata(path: Path, meta: dict[str, Any], manifest_meta: dict[str, Any],
@@ -381,7 +469,7 @@ def read(
     selected = range(len(records)) if shards is None else shards
     for index in selected:
         record = records[index]
-        where = locate(manifest["_dir"]).join(record["path"])
+        where = locate(manifest["_dir"]).join(record["path"])  # confined to the folder by load_manifest
         if verify:
             _verify_shard(where, record)
         try:
@@ -390,5 +478,7 @@ def read(
             raise SoftLabelError(f"{where}: unreadable Parquet ({exc}); rerun the teacher stage to regenerate it") from exc
         _check_shard_metadata(where, shard_meta, meta, expected_tokenizer_hash)
         with where.open() as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+            parquet = pq.ParquetFile(f)
+            _check_counts(where, parquet, record, manifest["_manifest"])
+            for batch in parquet.iter_batches(batch_size=256):
                 yield from _decode_batch(batch, shard_meta, where, vocab_size)

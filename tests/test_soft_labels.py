@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import soft_labels
+from storage.errors import UserError
 from storage.soft_labels import SoftLabelError
 from tasks.teacher.extract import tail_logmass
 
@@ -159,6 +160,104 @@ def test_stale_shard_is_not_reused_and_manifest_not_rewritten(tmp_path):
     assert manifest.stat().st_mtime_ns == before
 
 
+# --- manifests: confinement, counts, damage ---------------------------------------------------
+
+def _edit_manifest(manifest, change):
+    data = json.loads(manifest.read_text())
+    change(data)
+    manifest.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("bad", ["../outside/shard-00000.parquet", "../../../etc/passwd", "/etc/passwd",
+                                 "sub/../../outside/shard-00000.parquet", "file:///etc/passwd", "..\\outside\\x.parquet",
+                                 "./shard-00000.parquet", "", "C:/x.parquet"])
+def test_shard_path_must_stay_inside_the_manifest_folder(tmp_path, bad):
+    labels = tmp_path / "labels"
+    manifest = _write(labels)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shard-00000.parquet").write_bytes((labels / "shard-00000.parquet").read_bytes())  # same bytes, same checksum
+    _edit_manifest(manifest, lambda d: d["shards"][0].update(path=bad))
+    with pytest.raises(SoftLabelError) as err:
+        soft_labels.load_manifest(manifest)  # refused before any shard is opened
+    text = str(err.value)
+    assert str(manifest) in text and "shards[0]" in text
+    if bad:
+        assert "field shards[0].path" in text and "inside its own folder" in text
+    with pytest.raises(SoftLabelError):
+        list(soft_labels.read(manifest))
+
+
+def test_symlinked_shard_leading_out_is_refused_one_inside_is_read(tmp_path):
+    labels = tmp_path / "labels"
+    manifest = _write(labels)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shard-00000.parquet").write_bytes((labels / "shard-00000.parquet").read_bytes())
+    (labels / "link-out.parquet").symlink_to(outside / "shard-00000.parquet")
+    (labels / "link-in.parquet").symlink_to(labels / "shard-00000.parquet")
+    (labels / "sub").symlink_to(outside, target_is_directory=True)
+
+    for name in ("link-out.parquet", "sub/shard-00000.parquet"):
+        _edit_manifest(manifest, lambda d, name=name: d["shards"][0].update(path=name))
+        with pytest.raises(SoftLabelError, match=rf"manifest.json: field shards\[0\].path '{name}' resolves to .*outside.* through a symlink"):
+            soft_labels.load_manifest(manifest)
+        with pytest.raises(SoftLabelError, match="through a symlink"):
+            soft_labels.load_manifest(f"file://{manifest}")  # file:// is the local filesystem too
+    _edit_manifest(manifest, lambda d: d["shards"][0].update(path="link-in.parquet"))
+    assert [r["sample_id"] for r in soft_labels.read(manifest)] == ["s0", "s1", "s2", "s10", "s11", "s12"]
+
+
+def test_shard_row_and_token_counts_must_match_the_manifest(tmp_path):
+    records = [soft_labels.write_shard(tmp_path, 0, [_row(j) for j in range(3)], META),
+               soft_labels.write_shard(tmp_path, 1, [_row(10 + j, t=4) for j in range(2)], META)]
+    manifest = soft_labels.write_manifest(tmp_path, records, META)
+    assert len(list(soft_labels.read(manifest))) == 5
+
+    # A manifest listing another (checksum-valid) shard under a record with other counts: what used to go undetected.
+    def swap(d):
+        d["shards"][1].update(path="shard-00000.parquet", sha256=d["shards"][0]["sha256"])
+    _edit_manifest(manifest, swap)
+    with pytest.raises(SoftLabelError) as err:
+        list(soft_labels.read(manifest))
+    assert "shard-00000.parquet: holds 3 rows but" in str(err.value) and f"{manifest} records 2 (field rows)" in str(err.value)
+
+    soft_labels.write_manifest(tmp_path, [{**records[0], "tokens": 10}, records[1]], META)  # totals consistent, record wrong
+    with pytest.raises(SoftLabelError, match=rf"shard-00000.parquet: holds 9 response tokens but {manifest} records 10 \(field tokens\)"):
+        list(soft_labels.read(manifest))
+    no_tokens = {k: v for k, v in records[0].items() if k != "tokens"}  # token count not recorded: rows still checked
+    _edit_manifest(manifest, lambda d: (d.update(shards=[no_tokens, records[1]]), d.pop("num_tokens")))
+    assert len(list(soft_labels.read(manifest))) == 5
+
+
+@pytest.mark.parametrize(("damage", "field"), [
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: "", "not valid JSON"),
+    (lambda text: "[1, 2]", "holds a JSON list"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"}), "field shards is missing"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "metadata"}), "field metadata is missing"),
+    (lambda text: json.dumps({**json.loads(text), "shards": [{"path": "shard-00000.parquet", "sha256": "x"}]}), r"field shards\[0\].rows is None"),
+    (lambda text: json.dumps({**json.loads(text), "num_rows": 7}), "field num_rows is 7 but its shards hold 6 rows"),
+])
+def test_damaged_manifest_names_the_file_and_the_fix(tmp_path, damage, field):
+    manifest = _write(tmp_path)
+    manifest.write_text(damage(manifest.read_text()))
+    with pytest.raises(SoftLabelError, match=field) as err:
+        soft_labels.load_manifest(manifest)
+    text = str(err.value)
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)  # stage checks catch ValueError and relabel
+    assert text.startswith(f"{manifest}: ") and f"delete the folder {tmp_path} to relabel" in text
+    assert "the teacher stage rewrites it from the finished shards" in text
+    # ... and it does: the manifest is rewritten from the finished shards' records.
+    records = [soft_labels.finished_shard(tmp_path, i, META) for i in range(2)]
+    soft_labels.write_manifest(tmp_path, records, META)
+    assert len(list(soft_labels.read(manifest))) == 6
+
+
+def test_soft_label_errors_are_user_errors():
+    assert issubclass(SoftLabelError, UserError) and issubclass(SoftLabelError, ValueError)
+
+
 # --- the raw shards open with the usual tools ------------------------------------------------
 
 def test_raw_shards_open_with_pyarrow_dataset(tmp_path):
@@ -222,3 +321,10 @@ def test_labels_read_from_uris_equal_the_local_read(tiny_labels):
         list(soft_labels.read("memory://uri-read"))
     with pytest.raises(SoftLabelError, match=r"memory://nowhere/manifest.json: soft-label manifest not found"):
         soft_labels.load_manifest("memory://nowhere/manifest.json")
+    # Remote manifests are confined the same way (no symlinks there: the path check alone).
+    manifest = json.loads(memory.cat("/uri-read/manifest.json"))
+    manifest["shards"][1]["path"] = "../elsewhere/shard-00001.parquet"
+    memory.pipe("/elsewhere/shard-00001.parquet", (local_dir / "shard-00001.parquet").read_bytes())
+    memory.pipe("/uri-read/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(SoftLabelError, match=r"memory://uri-read/manifest.json: field shards\[1\].path '../elsewhere/shard-00001.parquet'"):
+        list(soft_labels.read("memory://uri-read"))
