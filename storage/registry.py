@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
 from storage.atomic import write_json
+from storage.errors import UserError
 
 ENTRY_NAME = "entry.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -39,8 +40,8 @@ CHAMPION = "champion"
 LOCK_TIMEOUT_S = 120.0
 
 
-class RegistryError(Exception):
-    """A registry operation cannot proceed; the message names the path/version and what to do."""
+class RegistryError(UserError):
+    """A registry operation cannot proceed; the message names the path/version and what to do (a UserError)."""
 
 
 class RegistryEntry(BaseModel):
@@ -83,6 +84,62 @@ def _copy_durably(src: str, dst: str) -> str:
     return dst
 
 
+def _probe_writable(folder: Path, what: str) -> None:
+    """Really create and delete a file in `folder`: os.access is not enough (root bypasses mode bits, ACLs vary)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.tmp-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RegistryError(f"{what}: {exc}; fix its permissions or choose another --registry path (promotion.registry_dir)") from exc
+
+
+def _read_aliases(path: Path, history_path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, OSError) as exc:
+        raise RegistryError(f"cannot read {path}: {exc}; repair it from {history_path}") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise RegistryError(f"{path} should hold a JSON object of alias -> version names; repair it from {history_path}")
+    return data
+
+
+def check_registry_dir(path: str | Path) -> None:
+    """Raise RegistryError (a UserError) now if promotion into `path` would fail later; create and change nothing.
+
+    For the flow to call before any compute. Refused: the path (or a folder above it, or its `versions`) is a
+    file; it cannot be written (or, when it does not exist yet, its nearest existing folder cannot); its
+    `aliases.json` is unreadable, not JSON or not an object of names; an alias points at a missing or unreadable
+    version (promotion reads the champion's metrics and lineage).
+    """
+    root = Path(path).expanduser().absolute()
+    if not root.exists():
+        ancestor = root.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise RegistryError(f"registry path {root} cannot be created: {ancestor} is a file, not a folder; "
+                                "choose another registry path (promotion.registry_dir / --registry)")
+        _probe_writable(ancestor, f"registry path {root} cannot be created: {ancestor} is not writable")
+        return
+    if not root.is_dir():
+        raise RegistryError(f"registry path {root} is a file, not a folder; move it away or choose another registry path "
+                            "(promotion.registry_dir / --registry)")
+    versions = root / "versions"
+    if versions.exists() and not versions.is_dir():
+        raise RegistryError(f"{versions} is a file, not the registry's versions folder; move it away or choose another registry path")
+    _probe_writable(root, f"registry folder {root} is not writable")
+    if not versions.is_dir():  # a registry folder without versions yet: only its aliases file can be wrong
+        _read_aliases(root / "aliases.json", root / "history.jsonl")
+        return
+    _probe_writable(versions, f"registry folder {versions} is not writable")
+    registry = ModelRegistry(root, create=False)
+    for name in registry.aliases():
+        registry.alias(name)  # raises, naming the alias and the version, if it points at nothing readable
+
+
 def _whoami() -> str:
     try:
         return getpass.getuser()
@@ -108,13 +165,7 @@ class ModelRegistry:
         self._lock = FileLock(str(self.root / ".lock"), timeout=LOCK_TIMEOUT_S)
 
     def _check_writable(self) -> None:
-        # os.access is not enough (root bypasses mode bits, ACLs vary), so really write.
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".probe.tmp-", dir=self.root)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise RegistryError(f"registry folder {self.root} is not writable: {exc}; fix its permissions or choose another --registry path") from exc
+        _probe_writable(self.root, f"registry folder {self.root} is not writable")
 
     def _acquire(self):
         try:
@@ -200,15 +251,7 @@ class ModelRegistry:
     # ----- aliases --------------------------------------------------------------------
 
     def aliases(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.aliases_path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (ValueError, OSError) as exc:
-            raise RegistryError(f"cannot read {self.aliases_path}: {exc}; repair it from {self.history_path}") from exc
-        if not isinstance(data, dict):
-            raise RegistryError(f"{self.aliases_path} should hold a JSON object; repair it from {self.history_path}")
-        return data
+        return _read_aliases(self.aliases_path, self.history_path)
 
     def alias(self, name: str) -> RegistryEntry | None:
         version = self.aliases().get(name)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from storage.registry import ModelRegistry, RegistryError
+from storage.errors import UserError
+from storage.registry import ModelRegistry, RegistryError, check_registry_dir
 
 
 def make_model(folder: Path, tag: str) -> Path:
@@ -142,6 +146,102 @@ def test_root_that_refuses_writes_raises_at_construction(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(RegistryError, match="not writable.*Read-only"):
         ModelRegistry(root)
+
+
+# ----- check_registry_dir: the registry folder checked before any compute ---------------------
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None for folders): to show a check changed nothing."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Make `folder` really unwritable: mode bits for a normal user, the immutable attribute for root."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        try:
+            yield
+        finally:
+            folder.chmod(stat.S_IRWXU)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a filesystem without the immutable attribute: no way to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_registry_errors_are_user_errors():
+    assert issubclass(RegistryError, UserError) and issubclass(RegistryError, ValueError)
+
+
+def test_check_registry_dir_accepts_a_good_registry_and_a_new_path_without_changing_anything(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.promote(register(reg, tmp_path, "a").version)
+    reg.set_alias("challenger", register(reg, tmp_path, "b").version)
+    before = tree(tmp_path)
+    check_registry_dir(tmp_path / "reg")
+    check_registry_dir(str(tmp_path / "not" / "yet" / "there"))  # created at promotion, not by the check
+    assert tree(tmp_path) == before
+    (tmp_path / "bare").mkdir()
+    check_registry_dir(tmp_path / "bare")  # an existing empty folder: fine
+    assert list((tmp_path / "bare").iterdir()) == []
+
+
+def test_check_registry_dir_refuses_a_file(tmp_path):
+    blocker = tmp_path / "registry"
+    blocker.write_text("a file where the registry folder should be")
+    with pytest.raises(RegistryError, match=f"registry path {blocker} is a file, not a folder.*promotion.registry_dir"):
+        check_registry_dir(blocker)
+    with pytest.raises(RegistryError, match=f"registry path {blocker}/sub/reg cannot be created: {blocker} is a file"):
+        check_registry_dir(blocker / "sub" / "reg")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "versions").write_text("not a folder")
+    with pytest.raises(RegistryError, match=f"{reg}/versions is a file"):
+        check_registry_dir(reg)
+
+
+def test_check_registry_dir_refuses_an_unwritable_folder(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    register(reg, tmp_path, "a")
+    with read_only(reg.root):
+        with pytest.raises(RegistryError, match=f"registry folder {reg.root} is not writable: .*choose another"):
+            check_registry_dir(reg.root)
+    with read_only(reg.versions_dir):  # versions/ is where a new version is staged
+        with pytest.raises(RegistryError, match=f"registry folder {reg.versions_dir} is not writable"):
+            check_registry_dir(reg.root)
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    with read_only(parent):
+        with pytest.raises(RegistryError, match=f"registry path {parent}/reg cannot be created: {parent} is not writable"):
+            check_registry_dir(parent / "reg")
+    check_registry_dir(reg.root)  # writable again: fine
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_text('{"champion": "v00'), "cannot read .*aliases.json: .*repair it from .*history.jsonl"),
+    (lambda p: p.write_text('["v0001"]'), "aliases.json should hold a JSON object of alias -> version names"),
+    (lambda p: p.write_text('{"champion": 1}'), "aliases.json should hold a JSON object"),
+    (lambda p: (p.unlink(), p.mkdir()), "cannot read .*aliases.json: .*Is a directory"),  # unreadable, even for root
+    (lambda p: p.write_text('{"champion": "v0009"}'), "alias 'champion' points to 'v0009', which is missing"),
+])
+def test_check_registry_dir_refuses_unreadable_aliases(tmp_path, damage, message):
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.promote(register(reg, tmp_path, "a").version)
+    check_registry_dir(reg.root)
+    damage(reg.aliases_path)
+    with pytest.raises(RegistryError, match=message):
+        check_registry_dir(reg.root)
+    # A registry folder without versions/ yet is checked the same way.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "aliases.json").write_text("{")
+    with pytest.raises(RegistryError, match=f"cannot read {bare}/aliases.json"):
+        check_registry_dir(bare)
 
 
 def test_leftover_tmp_folders_are_ignored(tmp_path):
