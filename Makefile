@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stillhouse-installed
 EXTRA ?= cpu
 
-.PHONY: setup demo test compare stack stack-down clean-venv
+.PHONY: setup demo test test-fast lint compare stack stack-down clean-venv
 
 setup: $(STAMP)
 
@@ -21,8 +21,16 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/stillhouse demo
 
-test: setup
+# Everything: lint, then every tier (unit, integration: real Ray/vLLM/Prefect, e2e: the flow and the stack).
+test: setup lint
 	$(PY) -m pytest -q --durations=15
+
+# The unit tier only (no Ray cluster, vLLM engine or Prefect server): about a minute here.
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration and not e2e" --timeout=120
+
+lint: setup
+	$(VENV)/bin/ruff check flows tasks storage tests bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,12 +12,17 @@ from pathlib import Path
 def _parse_overrides(pairs: list[str]) -> dict:
     import yaml
 
+    from storage.errors import UserError
+
     overrides = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise UserError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: the value {value!r} is not valid YAML ({str(exc).splitlines()[0]}); quote it") from None
     return overrides
 
 
@@ -40,14 +45,9 @@ def configure_runtime(data_dir: str) -> None:
 
 
 def _load(args) -> "PipelineConfig":  # noqa: F821
-    from pydantic import ValidationError
-
     from tasks.config import load_config
 
-    try:
-        return load_config(args.config, _parse_overrides(args.set))
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"invalid configuration:\n{exc}") from None
+    return load_config(args.config, _parse_overrides(args.set))
 
 
 def cmd_run(args) -> int:
@@ -86,9 +86,21 @@ def cmd_validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can fix (storage.errors.UserError) print as one line and exit 2; anything else is a bug and keeps
+    its traceback."""
+    from storage.errors import UserError
+
+    try:
+        return _main(argv)
+    except UserError as exc:
+        print(f"stillhouse: error: {exc}", file=sys.stderr, flush=True)
+        return UserError.exit_code
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "registry":
-        from storage.registry import registry_main
+        from flows.registry_cli import registry_main
 
         return registry_main(argv[1:])
     parser = argparse.ArgumentParser(prog="stillhouse", description=__doc__)
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
         if name != "validate":
             p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
-    sub.add_parser("registry", help="list/show/promote/rollback registry versions (see 'stillhouse registry --help')")
+    sub.add_parser("registry", help="list/show/promote/rollback/export registry versions (see 'stillhouse registry --help')")
     args = parser.parse_args(argv)
     if args.command == "validate":
         return cmd_validate(args)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import string
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage.errors import UserError
 
 from tasks.gate import GateConfig, GateRule
 
@@ -22,6 +24,10 @@ def default_data_dir() -> str:
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Fields that say where or how a stage runs, not what it produces: changing them reuses finished outputs
+    # (tasks.stage_cache.content_fields leaves them out of the content key).
+    output_neutral_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 class DataConfig(StageConfig):
@@ -116,6 +122,8 @@ class EngineConfig(StageConfig):
 class TeacherConfig(StageConfig):
     """Teacher stage: vLLM generates responses and records top-k log-probabilities."""
 
+    output_neutral_fields: ClassVar[frozenset[str]] = frozenset({"replicas", "cpus_per_replica", "use_gpu"})
+
     model: str = Field("demo", description="'demo', a local HF model folder, or a Hugging Face model id.")
     revision: str | None = Field(None, description="Model revision for hub ids.")
     top_k: int = Field(20, ge=1, le=1024, description="Log-probabilities stored per response token.")
@@ -155,6 +163,8 @@ class LoraSettings(StageConfig):
 class TrainConfig(StageConfig):
     """Training stage: Ray Train workers fit the student to the stored soft labels."""
 
+    output_neutral_fields: ClassVar[frozenset[str]] = frozenset({"ray_address", "checkpoint_storage"})
+
     student: str = Field("demo", description="'demo', a local HF model folder, or a Hugging Face model id (initial weights).")
     objective: str = Field("fkl+ce", description="Objective name or mixture, e.g. 'fkl', 'akl', '0.5*akl+0.5*ce', 'ce' (no KD).")
     support: Literal["renormalize", "tail_bucket"] = "tail_bucket"
@@ -175,6 +185,12 @@ class TrainConfig(StageConfig):
         "state sharded across workers (fsdp, torch FSDP2) for students that do not fit one device.",
     )
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end) instead of all weights.")
+    init: Literal["as_is", "sft"] = Field(
+        "as_is", description="Start from train.student as it is, or first fine-tune it with cross-entropy on the training "
+        "references (sft: MiniLLM's starting point; needs data.reference_field) for train.sft_steps.",
+    )
+    sft_steps: int = Field(300, ge=1, description="Steps of the train.init=sft pass (objective ce on the first reference + EOS).")
+    sft_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the sft pass (None: train.learning_rate).")
     length_bucketing: bool = Field(
         False, description="Batch sequences of similar length together (within a shard) to cut padding. Off by default: "
         "bucketed batches are no longer random samples of the data, and where length tracks content they are one kind "
@@ -193,6 +209,17 @@ class TrainConfig(StageConfig):
     def _lora_needs_ddp(self) -> "TrainConfig":
         if self.lora is not None and self.strategy == "fsdp":
             raise ValueError("train.lora with train.strategy=fsdp is not supported; use strategy=ddp for LoRA students")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_is_known(self) -> "TrainConfig":
+        """A misspelt objective, a bad mixture or an unknown parameter fails here, before the teacher labels anything."""
+        from tasks.objectives import build_objective
+
+        try:
+            build_objective(self.objective, support=self.support, temperature=self.temperature, **self.objective_params)
+        except ValueError as exc:
+            raise ValueError(f"train.objective {self.objective!r} / train.objective_params {self.objective_params}: {exc}") from None
         return self
 
 
@@ -237,7 +264,22 @@ class PromotionConfig(StageConfig):
 class PipelineConfig(StageConfig):
     """Everything one distillation run needs; the Prefect UI renders this as its form."""
 
-    run_name: str | None = Field(None, description="Run folder name; default: a timestamp.")
+    @field_validator("run_name", mode="before")
+    @classmethod
+    def _plain_run_name(cls, value):
+        import re
+
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(f"run_name {value!r} must be a plain name (letters, digits, '.', '_', '-'; at most 100; "
+                             "no '/' or leading '.'): runs live under <data_dir>/runs")
+        return value
+
+    run_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        json_schema_extra={"examples": ["nightly-akl"]},
+        description="Run folder name under <data_dir>/runs: letters, digits, '.', '_' and '-' (no paths); an existing run's "
+        "name gets a numbered suffix. Default: a timestamp.",
+    )
     data_dir: str = Field(default_factory=default_data_dir, description="Where data, runs and the registry live.")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -257,22 +299,49 @@ class PipelineConfig(StageConfig):
         return self
 
 
+class ConfigError(UserError):
+    """The configuration (YAML file, --set override or form) is invalid; the message names the field or line."""
+
+
+def describe_validation_error(exc: ValidationError, where: str = "configuration") -> str:
+    """One line per pydantic error folded into one message: 'field.path: what is wrong'."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}" + (f" (got {error['input']!r})" if error["type"] != "value_error" and "input" in error
+                                              and not isinstance(error["input"], dict) else ""))
+    return f"invalid {where}: " + "; ".join(parts)
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> PipelineConfig:
-    """Read a YAML config (or none) and apply dotted overrides such as {'train.steps': 10}."""
+    """Read a YAML config (or none) and apply dotted overrides such as {'train.steps': 10}; errors are ConfigError."""
     import yaml
 
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise ConfigError(f"{path}: expected a mapping (key: value) at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {key} is not a section")
         node[leaf] = value
-    return PipelineConfig.model_validate(raw)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, f"configuration{f' in {path}' if path else ''}")) from None

@@ -1,8 +1,8 @@
-"""Content keys for stage outputs, so a new run with the same inputs reuses finished work.
+"""Content keys for stage outputs and identities of model folders.
 
 A key hashes what determines a stage's output: its config, the identity of its
-inputs (model folders, prompt shards, upstream keys) and a per-stage version
-that is bumped when the stage's code changes its output.
+inputs (model folders, prompt shards, upstream keys) and the stage's code
+version, bumped when the stage's code changes its output.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import sha256_json
-
-STAGE_VERSIONS = {"labels": 1, "train": 1, "eval": 2}  # eval 2: teacher perplexity and sampled ROUGE-L
+from storage.atomic import read_json, sha256_dir, sha256_json, write_json
 
 
 def model_identity(model_dir: str) -> str:
@@ -31,8 +29,23 @@ def model_identity(model_dir: str) -> str:
     return sha256_json(payload)[:16]
 
 
-def stage_key(stage: str, **parts: Any) -> str:
-    return f"{stage}-{sha256_json({'stage': stage, 'version': STAGE_VERSIONS[stage], **parts})[:16]}"
+def model_content_hash(model_dir: str, memo_dir: Path | None = None) -> str:
+    """sha256 of a model's weight files (names and bytes), for label lineage.
+
+    Costly for large models, so it is memoised under `memo_dir` by the cheap
+    identity: computed once per model version, not once per run.
+    """
+    memo = Path(memo_dir) / f"{model_identity(model_dir)}.json" if memo_dir is not None else None
+    if memo is not None and memo.exists():
+        return read_json(memo)["sha256"]
+    digest = sha256_dir(Path(model_dir), "*.safetensors")[:16]
+    if memo is not None:
+        write_json(memo, {"sha256": digest, "model_dir": str(model_dir)})
+    return digest
+
+
+def stage_key(stage: str, version: int, **parts: Any) -> str:
+    return f"{stage}-{sha256_json({'stage': stage, 'version': version, **parts})[:16]}"
 
 
 def code_version() -> str:

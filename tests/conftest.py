@@ -93,3 +93,15 @@ def prompts(tiny_student):
     examples = task.generate(sizes={"train": 5, "validation": 1, "test": 1})["train"]
     return [{"example_id": f"train-{i}", "prompt_ids": tok(format_prompt(ex.prompt))["input_ids"],
              "references": list(ex.references)} for i, ex in enumerate(examples)]
+
+
+# Test tiers. `make test-fast` runs `-m "not integration and not e2e"`. A test that needs a real Ray cluster or a
+# Prefect server (through these fixtures) is integration; files that run the flow or the stack end to end mark
+# themselves `e2e`, and tests that start vLLM or Ray in a subprocess mark themselves `integration`.
+INTEGRATION_FIXTURES = {"ray_local", "prefect_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.integration)

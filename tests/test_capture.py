@@ -47,9 +47,11 @@ SAMPLING = dict(temperature=1.0, top_p=1.0, max_new_tokens=6, n=1, seed=0)
 
 
 def _capture(teacher, prompts, out, meta, mode="generate", sampling=SAMPLING):
-    import ray
+    """The production path: tasks.teacher.stage.capture_on_replicas over the replica actor(s)."""
+    from tasks.teacher.stage import capture_on_replicas
 
-    manifest, lines = ray.get(teacher.capture.remote(prompts, str(out), "train", meta, 2, sampling, mode))
+    manifest, _, lines = capture_on_replicas([teacher], prompts, out, split="train", metadata=meta, shard_rows=2,
+                                             sampling=sampling, mode=mode)
     return manifest, lines
 
 
@@ -159,10 +161,10 @@ def test_two_replicas_split_the_shards_and_write_what_one_replica_writes(replica
         return capture_on_replicas(actors, prompts, tmp_path / name, split="train", metadata=_meta(), shard_rows=1,
                                    sampling=SAMPLING)
 
-    two, per_replica = run(replicas, "two")
+    two, per_replica, _ = run(replicas, "two")
     assert sorted(per_replica) == [0, 1], f"both replicas should label shards, got {per_replica}"
     assert sum(per_replica.values()) == len(prompts)
-    one, per_replica_one = run(replicas[:1], "one")
+    one, per_replica_one, _ = run(replicas[:1], "one")
     assert per_replica_one == {0: len(prompts)}
 
     m1, m2 = soft_labels.load_manifest(one), soft_labels.load_manifest(two)

@@ -14,6 +14,8 @@ import pytest
 
 from tasks.config import PipelineConfig
 
+pytestmark = pytest.mark.e2e
+
 BASE = {
     "data": {"max_train_examples": 96, "max_eval_examples": 40, "demo_teacher_steps": 40},
     "teacher": {"top_k": 8, "shard_rows": 40, "max_new_tokens": 12},

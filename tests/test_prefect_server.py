@@ -14,6 +14,8 @@ import httpx
 HTTP = httpx.Client(timeout=60)  # the server can answer slowly while the machine is busy training
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -129,11 +131,12 @@ def test_api_run_killed_during_capture_and_training_then_ui_retry_resumes_and_co
                          "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "objective": "akl+ce"},
                          "eval": {"max_new_tokens": 10},
                          "promotion": {"gate": {"rules": [{"metric": "rouge_l", "kind": "absolute", "threshold": 0.0}]}}}}
-    # Test hooks, for this run only: pause after each shard and each step so the kills land mid-stage.
-    slow = {"env": {"STILLHOUSE_TEST_SHARD_SLEEP": "3", "STILLHOUSE_TEST_STEP_SLEEP": "2"}}
+    # The flow's explicit fault seam (tasks.faults.FaultPlan), for this run only: pause after each shard and each
+    # step so the kills land mid-stage.
+    params["faults"] = {"shard_pause_s": 3, "step_pause_s": 2}
     before = set((data / "cache" / "labels").glob("*"))
     trained_before = set((data / "cache" / "train").glob("*"))
-    response = HTTP.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", json={"parameters": params, "job_variables": slow})
+    response = HTTP.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", json={"parameters": params})
     response.raise_for_status()
     run_id = response.json()["id"]
 

@@ -12,13 +12,14 @@ from tasks.train.runtime import LocalRuntime
 
 
 def _config(student, manifest, out_dir, **over):
-    cfg = {"objective": "fkl+ce", "support": "tail_bucket", "temperature": 1.0, "objective_params": {}, "steps": 6,
-           "batch_size": 8, "learning_rate": 1e-2, "weight_decay": 0.0, "warmup_steps": 1, "grad_clip": 1.0, "seed": 0,
-           "grad_accum_steps": 1, "checkpoint_every": 3, "student_dir": student, "manifest": manifest,
-           "out_dir": str(out_dir), "threads_per_worker": 1, "log_every": 1}
-    cfg.update(over)
+    """The loop's typed config, built the one way the stage builds it (LoopConfig.build from a TrainConfig)."""
+    from tasks.config import TrainConfig
+    from tasks.train.loop_config import LoopConfig
+
+    settings = {"objective": "fkl+ce", "steps": 6, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 1,
+                "checkpoint_every": 3, **over}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return cfg
+    return LoopConfig.build(TrainConfig(**settings), student_dir=student, manifest=manifest, out_dir=out_dir)
 
 
 def _weights(out_dir):
@@ -131,19 +132,17 @@ def test_fsdp_worker_killed_and_restarted_matches_a_clean_ddp_run(tiny_student, 
     state), SIGKILL of rank 0 at step 5; Ray restarts the workers from the last gathered checkpoint.
     Same weights either way: sharding, checkpoint gathering and restart change nothing."""
     from tasks.config import TrainConfig
+    from tasks.faults import FaultPlan
     from tasks.train.stage import run_train_stage
 
     cfg = TrainConfig(steps=6, batch_size=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=2, max_failures=1,
                       objective="fkl+ce", num_workers=2, grad_accum_steps=2)
     run_train_stage(cfg, tiny_student, tiny_labels, tmp_path / "clean")
     marker = tmp_path / "killed-once"
-    os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"] = f"5:{marker}"
-    try:
-        # Checkpoints through a URI (pyarrow filesystem), as on a cluster with an object store.
-        sharded = cfg.model_copy(update={"strategy": "fsdp", "checkpoint_storage": f"file://{tmp_path}/shared-ckpt"})
-        run_train_stage(sharded, tiny_student, tiny_labels, tmp_path / "crashed")
-    finally:
-        del os.environ["STILLHOUSE_FAULT_KILL_AT_STEP"]
+    # Checkpoints through a URI (pyarrow filesystem), as on a cluster with an object store.
+    sharded = cfg.model_copy(update={"strategy": "fsdp", "checkpoint_storage": f"file://{tmp_path}/shared-ckpt"})
+    run_train_stage(sharded, tiny_student, tiny_labels, tmp_path / "crashed",
+                    faults=FaultPlan(kill_train_at_step=5, kill_marker=str(marker)))
     assert marker.exists(), "the fault was not injected"
     assert list((tmp_path / "shared-ckpt" / "train-crashed").glob("checkpoint_*")), "no checkpoint at the URI"
     steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]

@@ -8,21 +8,25 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
 
 DRIVER = """
 import sys
 from pathlib import Path
 from tasks.config import TrainConfig
+from tasks.faults import FaultPlan
 from tasks.train.stage import run_train_stage
 cfg = TrainConfig(steps=6, batch_size=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=2, objective="fkl+ce")
-run_train_stage(cfg, sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+run_train_stage(cfg, sys.argv[1], sys.argv[2], Path(sys.argv[3]), faults=FaultPlan(step_pause_s=float(sys.argv[4])))
 """
 
 
-def _run(student, labels, out_dir, env=None, stdout=subprocess.PIPE):
-    return subprocess.Popen([sys.executable, "-c", DRIVER, student, labels, str(out_dir)], env={**os.environ, **(env or {})},
+def _run(student, labels, out_dir, step_pause_s=0.0, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, student, labels, str(out_dir), str(step_pause_s)], env=dict(os.environ),
                             stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -31,7 +35,7 @@ def test_driver_sigkill_then_rerun_resumes(tiny_student, tiny_labels, tmp_path):
     clean_log = (tmp_path / "clean.log").open("wb")
     clean = _run(tiny_student, tiny_labels, tmp_path / "clean", stdout=clean_log)
     # Slow the steps down so the kill lands mid-run, after at least one checkpoint.
-    victim = _run(tiny_student, tiny_labels, tmp_path / "killed", env={"STILLHOUSE_TEST_STEP_SLEEP": "1"})
+    victim = _run(tiny_student, tiny_labels, tmp_path / "killed", step_pause_s=1.0)
     log = tmp_path / "killed" / "train_log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:

@@ -11,6 +11,9 @@ import numpy as np
 from storage import soft_labels
 from storage.atomic import write_json
 from tasks.config import EvalConfig
+from tasks.contracts import Evaluation, Frozen, PreparedData, TeacherLabels, TrainedStudent
+from tasks.identity import model_identity
+from tasks.stage_cache import StageContext, StageSpec
 from tasks.data import read_prompts
 from tasks.evaluate.distribution import distribution_scores
 from tasks.evaluate.generation import SAMPLE_TEMPERATURE, generate_student, sample_seed_values, score_generations, score_sampled
@@ -83,3 +86,27 @@ def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str
     log_fn("eval: student " + ", ".join(f"{m} {v['value']:.3f}" for m, v in student.items())
            + " | teacher " + ", ".join(f"{m} {v['value']:.3f}" for m, v in teacher.items()))
     return {"metrics_file": str(metrics_file), "metrics": metrics}
+
+
+class EvalInputs(Frozen):
+    """What evaluation reads: the held-out prompts, the teacher's held-out labels and the trained student."""
+
+    prepared: PreparedData
+    labels: TeacherLabels
+    student: TrainedStudent
+
+
+def run(cfg: EvalConfig, inputs: EvalInputs, ctx: StageContext) -> Evaluation:
+    """Stage entry point: metrics.json and generations.jsonl in ctx.out_dir."""
+    result = run_eval_stage(cfg, inputs.student.checkpoint, inputs.labels.eval_manifest, inputs.prepared.eval.path, ctx.out_dir,
+                            ray_address=ctx.ray_address, log_fn=ctx.log, teacher_dir=inputs.prepared.teacher_dir)
+    return Evaluation(key=ctx.key, metrics_file=result["metrics_file"], metrics=result["metrics"])
+
+
+def _key_parts(cfg: EvalConfig, inputs: EvalInputs) -> dict[str, Any]:
+    return {"student": inputs.student.key, "labels": inputs.labels.key, "prompts": inputs.prepared.eval.sha256,
+            "teacher_model": model_identity(inputs.prepared.teacher_dir)}
+
+
+STAGE = StageSpec(name="eval", version=3, output_type=Evaluation, run=run, key_parts=_key_parts,
+                  verify=lambda output: Path(output.metrics_file).exists(), describe="evaluation")

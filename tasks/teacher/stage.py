@@ -9,15 +9,17 @@ manifest once every shard is done, so a manifest always lists a whole capture.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import sha256_dir, sha256_json
 from storage import soft_labels
+from storage.atomic import sha256_json
 from tasks.config import TeacherConfig
+from tasks.contracts import PreparedData, TeacherLabels
 from tasks.data import read_prompts
+from tasks.identity import model_content_hash, model_identity
 from tasks.models import load_tokenizer, tokenizer_hash
+from tasks.stage_cache import StageContext, StageSpec
 
 
 class TeacherReplica:
@@ -36,30 +38,22 @@ class TeacherReplica:
 
     def capture_shard(self, chunk, index, num_shards, out_dir, split, metadata, sampling, mode="generate",
                       pause_after_shard_s=0.0):
-        """Label one shard; returns (replica index, manifest record)."""
+        """Label one shard; returns (replica index, manifest record, the shard's log lines)."""
         from tasks.teacher.capture import capture_shard
-
-        record = capture_shard(self.llm, chunk, index, num_shards, Path(out_dir), split=split, metadata=metadata,
-                               log_fn=lambda line: print(f"{line} [replica {self.replica}]", flush=True), mode=mode,
-                               pause_after_shard_s=pause_after_shard_s, **sampling)
-        return self.replica, record
-
-    def capture(self, prompts, out_dir, split, metadata, shard_rows, sampling, mode="generate", pause_after_shard_s=0.0):
-        from tasks.teacher.capture import capture
 
         lines: list[str] = []
 
         def log(line: str) -> None:  # printed as it happens: Ray forwards it to the driver (tasks.ray_logs: the run log)
-            print(line, flush=True)
+            print(f"{line} [replica {self.replica}]", flush=True)
             lines.append(line)
 
-        manifest = capture(self.llm, prompts, Path(out_dir), split=split, metadata=metadata, shard_rows=shard_rows,
-                           log_fn=log, mode=mode, pause_after_shard_s=pause_after_shard_s, **sampling)
-        return str(manifest), lines
+        record = capture_shard(self.llm, chunk, index, num_shards, Path(out_dir), split=split, metadata=metadata,
+                               log_fn=log, mode=mode, pause_after_shard_s=pause_after_shard_s, **sampling)
+        return self.replica, record, lines
 
 
 def label_metadata(cfg: TeacherConfig, teacher_dir: str, split: str, sampling: dict[str, Any],
-                   mode: str = "generate") -> dict[str, Any]:
+                   mode: str = "generate", teacher_hash: str | None = None) -> dict[str, Any]:
     from tasks.teacher.engine import vllm_version
 
     tok = load_tokenizer(teacher_dir, cfg.engine.trust_remote_code)
@@ -71,7 +65,7 @@ def label_metadata(cfg: TeacherConfig, teacher_dir: str, split: str, sampling: d
         "response_source": "reference" if mode == "score" else "teacher_sample",
         "teacher_model": cfg.model,
         "teacher_revision": cfg.revision,
-        "teacher_hash": sha256_dir(Path(teacher_dir), "*.safetensors")[:16],
+        "teacher_hash": teacher_hash or model_content_hash(teacher_dir),
         "tokenizer_hash": tokenizer_hash(tok),
         "chat_template_hash": sha256_json(getattr(tok, "chat_template", None))[:16],
         "vocab_size": len(tok),
@@ -108,10 +102,11 @@ def reference_prompts(prompts: list[dict[str, Any]], tokenizer, prefix: str) -> 
 
 def capture_on_replicas(replicas: list, prompts: list[dict[str, Any]], out_dir: Path, *, split: str,
                         metadata: dict[str, Any], shard_rows: int, sampling: dict[str, Any], mode: str = "generate",
-                        pause_after_shard_s: float = 0.0) -> tuple[Path, dict[int, int]]:
+                        pause_after_shard_s: float = 0.0) -> tuple[Path, dict[int, int], list[str]]:
     """Spread the shards of one capture over TeacherReplica actors; write the manifest when all are done.
 
-    Returns the manifest path and how many shards each replica labelled. The
+    Returns the manifest path, how many shards each replica labelled and the
+    shards' log lines in shard order. The
     shards are the same whatever the number of replicas (each prompt's seed
     derives from its content), so the manifest is too.
     """
@@ -130,12 +125,15 @@ def capture_on_replicas(replicas: list, prompts: list[dict[str, Any]], out_dir: 
         work,
     )
     records: dict[str, dict[str, Any]] = {}
+    lines: dict[str, list[str]] = {}
     per_replica: dict[int, int] = {}
-    for replica, record in results:
+    for replica, record, shard_lines in results:
         records[record["path"]] = record
+        lines[record["path"]] = shard_lines
         per_replica[replica] = per_replica.get(replica, 0) + 1
-    ordered = [records[soft_labels.shard_name(i)] for i in range(len(chunks))]
-    return soft_labels.write_manifest(Path(out_dir), ordered, metadata), per_replica
+    names = [soft_labels.shard_name(i) for i in range(len(chunks))]
+    manifest = soft_labels.write_manifest(Path(out_dir), [records[n] for n in names], metadata)
+    return manifest, per_replica, [line for n in names for line in lines[n]]
 
 
 def start_replicas(cfg: TeacherConfig, teacher_dir: str) -> list:
@@ -157,20 +155,21 @@ def start_replicas(cfg: TeacherConfig, teacher_dir: str) -> list:
     return [actor_cls.remote(teacher_dir, cfg, i) for i in range(cfg.replicas)]
 
 
-def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, Any], out_dir: Path,
-                      ray_address: str | None = None, log_fn=print) -> dict[str, str]:
+def run_teacher_stage(cfg: TeacherConfig, prepared: PreparedData, ctx: StageContext) -> TeacherLabels:
+    """Label the training prompts (sampled or scored) and the held-out prompts (greedy) into ctx.out_dir/{train,eval}."""
     import ray
 
     from tasks.ray_runtime import ensure_ray
 
-    ensure_ray(ray_address)
+    ensure_ray(ctx.ray_address)
+    teacher_dir = prepared.teacher_dir
     plans = {
-        "train": (prepared["train_split"], cfg.mode, dict(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples_per_prompt)),
-        "eval": (prepared["eval_split"], "generate", dict(temperature=0.0, top_p=1.0, n=1)),
+        "train": (prepared.train, prepared.train_split, cfg.mode, dict(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.samples_per_prompt)),
+        "eval": (prepared.eval, prepared.eval_split, "generate", dict(temperature=0.0, top_p=1.0, n=1)),
     }
     work = []
-    for role, (split, mode, sampling) in plans.items():
-        prompts = read_prompts(prepared["splits"][split]["path"])
+    for role, (split_file, split, mode, sampling) in plans.items():
+        prompts = read_prompts(split_file.path)
         if mode == "score":
             sampling = {}
             prompts = reference_prompts(prompts, load_tokenizer(teacher_dir, cfg.engine.trust_remote_code), cfg.reference_prefix)
@@ -181,16 +180,40 @@ def run_teacher_stage(cfg: TeacherConfig, teacher_dir: str, prepared: dict[str, 
     manifests = {}
     try:
         for role, split, mode, sampling, prompts in work:
-            metadata = label_metadata(cfg, teacher_dir, split, sampling, mode)
-            manifest, per_replica = capture_on_replicas(
-                replicas, prompts, out_dir / role, split=split, metadata=metadata, shard_rows=cfg.shard_rows,
-                sampling=sampling, mode=mode,
-                pause_after_shard_s=float(os.environ.get("STILLHOUSE_TEST_SHARD_SLEEP", 0)),  # tests only
+            metadata = label_metadata(cfg, teacher_dir, split, sampling, mode, teacher_hash=prepared.teacher_hash)
+            manifest, per_replica, _ = capture_on_replicas(
+                replicas, prompts, ctx.out_dir / role, split=split, metadata=metadata, shard_rows=cfg.shard_rows,
+                sampling=sampling, mode=mode, pause_after_shard_s=ctx.faults.shard_pause_s,
             )
             manifests[role] = str(manifest)
             spread = ", ".join(f"replica {r}: {n}" for r, n in sorted(per_replica.items()))
-            log_fn(f"teacher: {role} labels complete ({spread} shards): {manifests[role]}")
+            ctx.log(f"teacher: {role} labels complete ({spread} shards): {manifests[role]}")
     finally:
         for replica in replicas:
             ray.kill(replica)
-    return manifests
+    return TeacherLabels(key=ctx.key, train_manifest=manifests["train"], eval_manifest=manifests["eval"])
+
+
+def labels_intact(output: TeacherLabels) -> bool:
+    """Both manifests exist and every shard they list is finished with the recorded checksum."""
+    for manifest_path in (output.train_manifest, output.eval_manifest):
+        path = Path(manifest_path)
+        if not path.exists():
+            return False
+        try:
+            manifest = soft_labels.load_manifest(path)
+        except ValueError:
+            return False
+        for index, record in enumerate(manifest["shards"]):
+            done = soft_labels.finished_shard(path.parent, index)
+            if done is None or done["sha256"] != record["sha256"]:
+                return False
+    return True
+
+
+def _key_parts(cfg: TeacherConfig, prepared: PreparedData) -> dict[str, Any]:
+    return {"teacher_model": model_identity(prepared.teacher_dir), "prompts": {"train": prepared.train.sha256, "eval": prepared.eval.sha256}}
+
+
+STAGE = StageSpec(name="labels", version=2, output_type=TeacherLabels, run=run_teacher_stage, key_parts=_key_parts,
+                  verify=labels_intact, describe="labels")

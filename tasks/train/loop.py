@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tasks.train.loop_config import LoopConfig
 from tasks.train.runtime import Runtime
 
 
@@ -33,26 +36,26 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def open_stream(config: dict[str, Any], rank: int, world: int, tokenizer_hash: str, vocab_size: int):
+def open_stream(config: LoopConfig, rank: int, world: int, tokenizer_hash: str, vocab_size: int):
     """This worker's ShardStream over the manifest; labels are checked against the student's tokenizer up front."""
     from storage import soft_labels
     from tasks.train.stream import ShardStream
 
-    manifest = soft_labels.load_manifest(config["manifest"])
+    manifest = soft_labels.load_manifest(config.manifest)
     found = manifest["metadata"].get("tokenizer_hash")
     if found is not None and found != tokenizer_hash:
         raise soft_labels.SoftLabelError(
-            f"{config['manifest']}: field tokenizer_hash {found} does not match the student's tokenizer {tokenizer_hash}; "
+            f"{config.manifest}: field tokenizer_hash {found} does not match the student's tokenizer {tokenizer_hash}; "
             "teacher and student must share a tokenizer"
         )
 
     def read_shard(index: int) -> list[dict[str, Any]]:
-        return list(soft_labels.read(config["manifest"], expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+        return list(soft_labels.read(config.manifest, expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
                                      shards=[index]))
 
     stream = ShardStream([s["rows"] for s in manifest["shards"]], read_shard, rank=rank, world=world,
-                         batch_size=config["batch_size"] // world, seed=config["seed"],
-                         bucket_by_length=config.get("length_bucketing", False))
+                         batch_size=config.train.batch_size // world, seed=config.train.seed,
+                         bucket_by_length=config.train.length_bucketing)
     return stream, int(manifest["metadata"]["k"])
 
 
@@ -83,7 +86,7 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
     return float(stats[0]), dict(zip(parts_total, stats[1:].tolist()))
 
 
-def train(config: dict[str, Any], runtime: Runtime) -> None:
+def train(config: LoopConfig, runtime: Runtime) -> None:
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
@@ -92,26 +95,27 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
     from tasks.train.stream import Position
 
     rank, world, device = runtime.rank, runtime.world, runtime.device
-    torch.set_num_threads(max(1, int(config["threads_per_worker"])))
-    torch.manual_seed(config["seed"])
+    cfg = config.train
+    torch.set_num_threads(config.threads_per_worker)
+    torch.manual_seed(cfg.seed)
 
     # Data: this worker's disjoint share of the shards, streamed one shard at a time.
-    tokenizer = load_tokenizer(config["student_dir"])
+    tokenizer = load_tokenizer(config.student_dir)
     stream, k = open_stream(config, rank, world, tokenizer_hash(tokenizer), len(tokenizer))
 
     # Model, objective, optimizer, schedule.
-    model = load_causal_lm(config["student_dir"])
-    if config.get("lora"):
+    model = load_causal_lm(config.student_dir)
+    if cfg.lora is not None:
         from tasks.train.lora import apply_lora, trainable_fraction
 
-        model = apply_lora(model, config["lora"])
+        model = apply_lora(model, cfg.lora.model_dump())
         if rank == 0:
-            print(f"train: LoRA rank {config['lora']['rank']}, {trainable_fraction(model):.2%} of the weights trainable", flush=True)
-    model = runtime.prepare_model(model.to(device), strategy=config.get("strategy", "ddp"))
+            print(f"train: LoRA rank {cfg.lora.rank}, {trainable_fraction(model):.2%} of the weights trainable", flush=True)
+    model = runtime.prepare_model(model.to(device), strategy=cfg.strategy)
     sharded = is_sharded(model)
-    objective = build_objective(config["objective"], support=config["support"], temperature=config["temperature"], **config["objective_params"])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=config["weight_decay"], betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config["warmup_steps"], config["steps"]))
+    objective = build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
 
     # Resume from the latest checkpoint, if the run has one.
     start_step = 0
@@ -123,46 +127,47 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
         if rank == 0 and saved is not None and Position(**saved) != stream.position(start_step):
             raise ValueError(
                 f"{resume_dir}: the checkpoint's data position {saved} is not where step {start_step} falls in "
-                f"{config['manifest']} ({stream.position(start_step).to_dict()}); the labels or batch settings changed - "
+                f"{config.manifest} ({stream.position(start_step).to_dict()}); the labels or batch settings changed - "
                 "use a fresh run name"
             )
         if rank == 0:
             print(f"train: resumed from checkpoint at step {start_step} (data position {stream.position(start_step).to_dict()})",
                   flush=True)
 
-    accum = config["grad_accum_steps"]
+    accum = cfg.grad_accum_steps
     batches = stream.iter_from(start_step)
-    log_path = Path(config["out_dir"]) / "train_log.jsonl"
+    log_path = Path(config.out_dir) / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     start, tokens_seen = time.time(), 0
-    for step in range(start_step, config["steps"]):
-        _maybe_inject_fault(config.get("fault_injection"), step, rank)
-        if config.get("step_sleep"):
-            time.sleep(config["step_sleep"])  # tests only: widen the window for a kill
+    for step in range(start_step, cfg.steps):
+        if config.faults.kill_now(step, rank):  # tests only (FaultPlan): SIGKILL this worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        if config.faults.step_pause_s:
+            time.sleep(config.faults.step_pause_s)  # tests only: widen the window for a kill
         _, batch = next(batches)
         micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
         loss, parts = accumulate_gradients(model, objective, micro, runtime)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         tokens_seen += int(runtime.all_reduce_sum(sum(mb["mask"].sum() for mb in micro).float()))
 
-        last = step == config["steps"] - 1
-        if rank == 0 and (step % config["log_every"] == 0 or last):
+        last = step == cfg.steps - 1
+        if rank == 0 and (step % config.log_every == 0 or last):
             elapsed = time.time() - start
             done = step + 1 - start_step
             entry = {"step": step + 1, "loss": loss, **{f"loss_{n}": v for n, v in parts.items()}, "lr": sched.get_last_lr()[0],
                      "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
-                     "eta_s": round(elapsed / done * (config["steps"] - step - 1), 1)}
+                     "eta_s": round(elapsed / done * (cfg.steps - step - 1), 1)}
             with log_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
-            print(f"train: step {step + 1}/{config['steps']} loss {loss:.4f} "
+            print(f"train: step {step + 1}/{cfg.steps} loss {loss:.4f} "
                   + " ".join(f"{n} {v:.4f}" for n, v in parts.items())
                   + f" | {entry['tokens_per_s']:.0f} tok/s, eta {entry['eta_s']:.0f}s", flush=True)
-        if (step + 1) % config["checkpoint_every"] == 0 or last:
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
             full_state = gather_full_state(model, opt) if sharded else None  # a collective: every rank
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
@@ -173,25 +178,25 @@ def train(config: dict[str, Any], runtime: Runtime) -> None:
                         # the workers' filesystem fetches it from checkpoint storage (tasks.train.stage.fetch_student)
                         save_student(model, full_state[0] if sharded else None, config, tokenizer, Path(tmp) / "student")
                         try:
-                            copy_folder_atomic(Path(tmp) / "student", Path(config["out_dir"]) / "student")
+                            copy_folder_atomic(Path(tmp) / "student", Path(config.out_dir) / "student")
                         except OSError as exc:  # another node's filesystem: the driver fetches it instead
-                            print(f"train: student not copied to {config['out_dir']} from this worker ({exc}); "
+                            print(f"train: student not copied to {config.out_dir} from this worker ({exc}); "
                                   "the driver fetches it from the checkpoint", flush=True)
                 runtime.report({"step": step + 1, "loss": loss}, Path(tmp) if rank == 0 else None)
     batches.close()  # stops the shard prefetch
-    if start_step >= config["steps"]:  # resumed from the final checkpoint: nothing trained in this process
+    if start_step >= cfg.steps:  # resumed from the final checkpoint: nothing trained in this process
         final_state = gather_full_state(model, opt)[0] if sharded else None  # a collective: every rank
         if rank == 0:
-            save_student(model, final_state, config, tokenizer, Path(config["out_dir"]) / "student")
+            save_student(model, final_state, config, tokenizer, Path(config.out_dir) / "student")
 
 
-def save_student(model, full_state, config: dict[str, Any], tokenizer, target: Path) -> None:
+def save_student(model, full_state, config: LoopConfig, tokenizer, target: Path) -> None:
     """The trained student as a plain HF folder (safetensors): unsharded (FSDP) and with LoRA adapters merged."""
     from tasks.models import load_causal_lm, save_pretrained_atomic
     from tasks.train.lora import merged
 
     if full_state is not None:  # sharded: a plain copy for save_pretrained
-        core = load_causal_lm(config["student_dir"])
+        core = load_causal_lm(config.student_dir)
         core.load_state_dict(full_state)
     else:
         core = model.module if hasattr(model, "module") else model
@@ -208,21 +213,8 @@ def copy_folder_atomic(source: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
-    """Test hook (STILLHOUSE_FAULT_KILL_AT_STEP="N:marker"): SIGKILL rank 0 once when it starts step N."""
-    if not spec or rank != 0:
-        return
-    at, marker = spec.split(":", 1)
-    if step + 1 == int(at) and not Path(marker).exists():
-        import os
-        import signal
-
-        Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point."""
+    """Ray Train entry point: `config` is a LoopConfig as JSON (what Ray ships to the workers)."""
     from tasks.train.runtime import RayRuntime
 
-    train(config, RayRuntime())
+    train(LoopConfig.model_validate(config), RayRuntime())

@@ -6,11 +6,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from storage.errors import UserError
 from tasks.config import TrainConfig
+from tasks.contracts import Frozen, TeacherLabels, TrainedStudent
+from tasks.faults import NO_FAULTS, FaultPlan
+from tasks.identity import model_identity
+from tasks.stage_cache import StageContext, StageSpec
+from tasks.train.loop_config import LoopConfig
 
 
 class TrainingError(RuntimeError):
-    pass
+    """Training failed (a worker error Ray could not recover from)."""
+
+
+class TrainingSetupError(TrainingError, UserError):
+    """Training cannot start as configured (unwritable place, more workers than the cluster has); the message says the fix."""
 
 
 def checkpoint_storage(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
@@ -28,7 +38,7 @@ def checkpoint_storage(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             f.write(b"ok")
         where.fs.delete_file(probe.path)
     except (OSError, ValueError) as exc:
-        raise TrainingError(f"train.checkpoint_storage {where} is not writable ({exc}); fix permissions or choose another place") from exc
+        raise TrainingSetupError(f"train.checkpoint_storage {where} is not writable ({exc}); fix permissions or choose another place") from exc
     return {"name": f"train-{out_dir.name}", "storage_path": where.path, "storage_filesystem": where.fs}
 
 
@@ -47,7 +57,8 @@ def fetch_student(checkpoint, target: Path) -> None:
         tmp.rename(target)
 
 
-def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print) -> dict[str, Any]:
+def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print,
+                    faults: FaultPlan = NO_FAULTS, ray_address: str | None = None) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -58,36 +69,26 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
 
     # Fail on a bad objective before any worker starts.
     build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
-    ensure_ray(cfg.ray_address)
+    ensure_ray(ray_address or cfg.ray_address)
     cpus = cluster_cpus()
     if not cfg.use_gpu and cfg.num_workers > cpus:
-        raise TrainingError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
+        raise TrainingSetupError(f"train.num_workers={cfg.num_workers} but the Ray cluster offers {cpus:.0f} CPUs; lower it")
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / ".write-probe").write_bytes(b"ok")
         (out_dir / ".write-probe").unlink()
     except OSError as exc:
-        raise TrainingError(f"training output folder {out_dir} is not writable ({exc}); fix permissions or set data_dir") from exc
+        raise TrainingSetupError(f"training output folder {out_dir} is not writable ({exc}); fix permissions or set data_dir") from exc
     checkpoint_storage(cfg, out_dir)  # refuses an unwritable place before any worker starts
     cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
-    loop_config = {
-        **cfg.model_dump(include={"objective", "support", "temperature", "objective_params", "steps", "batch_size",
-                                   "learning_rate", "weight_decay", "warmup_steps", "grad_clip", "seed",
-                                   "grad_accum_steps", "checkpoint_every", "length_bucketing", "lora", "strategy"}),
-        "student_dir": student_dir,
-        "manifest": labels_manifest,
-        "out_dir": str(out_dir),
-        "threads_per_worker": cpus_per_worker,
-        "log_every": max(1, cfg.steps // 20),
-        "fault_injection": os.environ.get("STILLHOUSE_FAULT_KILL_AT_STEP"),  # tests only
-        "step_sleep": float(os.environ.get("STILLHOUSE_TEST_STEP_SLEEP", 0)),  # tests only
-    }
+    loop_config = LoopConfig.build(cfg, student_dir=student_dir, manifest=labels_manifest, out_dir=out_dir,
+                                   threads_per_worker=cpus_per_worker, faults=faults)
     from tasks.train.loop import train_loop_per_worker
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         # Same name + storage path on a rerun: Ray Train resumes from the latest checkpoint.
         run_config=RunConfig(**checkpoint_storage(cfg, out_dir),
@@ -103,3 +104,29 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
     if not (checkpoint / "config.json").exists():
         raise TrainingError(f"training finished without a checkpoint at {checkpoint}")
     return {"checkpoint": str(checkpoint), "log": str(out_dir / "train_log.jsonl")}
+
+
+class TrainInputs(Frozen):
+    """What the training stage reads: the initial student and the teacher's labels."""
+
+    student_dir: str
+    labels: TeacherLabels
+
+
+def run(cfg: TrainConfig, inputs: TrainInputs, ctx: StageContext) -> TrainedStudent:
+    """Stage entry point: distil the student on the stored labels into ctx.out_dir."""
+    result = run_train_stage(cfg, inputs.student_dir, inputs.labels.train_manifest, ctx.out_dir, log_fn=ctx.log,
+                             faults=ctx.faults, ray_address=ctx.ray_address)
+    return TrainedStudent(key=ctx.key, checkpoint=result["checkpoint"], log=result["log"])
+
+
+def _key_parts(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
+    return {"labels": inputs.labels.key, "student_model": model_identity(inputs.student_dir)}
+
+
+def _student_intact(output: TrainedStudent) -> bool:
+    return (Path(output.checkpoint) / "config.json").exists()
+
+
+STAGE = StageSpec(name="train", version=2, output_type=TrainedStudent, run=run, key_parts=_key_parts,
+                  verify=_student_intact, describe="student")

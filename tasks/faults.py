@@ -1,0 +1,38 @@
+"""Test-only faults, passed explicitly from the flow's parameters to the stages that honour them.
+
+Production runs carry the empty plan. Tests use it to SIGKILL a training worker
+at a step, or to slow shards and steps down so a kill lands mid-stage; nothing
+reads fault settings from the environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FaultPlan(BaseModel):
+    """Faults to inject (testing only; leave empty)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kill_train_at_step: int | None = Field(None, ge=1, description="SIGKILL training rank 0 when it starts this step (once).")
+    kill_marker: str | None = Field(None, description="File created at the kill, so a restarted worker is not killed again.")
+    shard_pause_s: float = Field(0.0, ge=0, description="Sleep after each teacher shard (widens the window for a kill).")
+    step_pause_s: float = Field(0.0, ge=0, description="Sleep before each training step (widens the window for a kill).")
+
+    def kill_now(self, step: int, rank: int) -> bool:
+        """True once: on rank 0 at `kill_train_at_step`, unless the marker says it already happened."""
+        from pathlib import Path
+
+        if self.kill_train_at_step is None or rank != 0 or step + 1 != self.kill_train_at_step:
+            return False
+        if self.kill_marker is None:
+            return True
+        marker = Path(self.kill_marker)
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
+
+
+NO_FAULTS = FaultPlan()
