@@ -20,7 +20,7 @@ from storage.registry import CHAMPION, ENTRY_NAME, ModelRegistry, RegistryError
 from tasks.model_card import CARD_NAME, write_card_for_entry
 
 
-class ExportError(RegistryError, UserError):
+class ExportError(RegistryError):
     """`registry export` cannot write where it was asked to; the message says what to do."""
 
 

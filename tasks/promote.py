@@ -8,6 +8,7 @@ from typing import Any
 from storage.registry import ModelRegistry, RegistryEntry
 from tasks.config import PromotionConfig
 from tasks.gate import GateDecision, evaluate_gate
+from tasks.model_card import write_card_for_entry
 
 
 def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: str, metrics: dict[str, Any],
@@ -43,7 +44,8 @@ def run_promotion_stage(cfg: PromotionConfig, registry_dir: str, student_dir: st
                 record.update({k: v for k, v in again.model_dump().items() if k in ("promoted", "rules", "summary")})
                 record["champion_before"] = now.version if now else None
     # The same student evaluated again (e.g. after the gate rules changed) keeps its version: no second copy.
-    entry = same if same is not None else registry.register(student_dir, lineage=lineage, metrics=metrics, decision=record)
+    entry = same if same is not None else registry.register(
+        student_dir, lineage=lineage, metrics=metrics, decision=record, before_publish=write_card_for_entry)  # with its model card
     if same is not None:
         record["already_registered"] = True
     registry.set_alias("challenger", entry.version, reason="latest evaluated student")

@@ -110,3 +110,16 @@ def test_failing_card_hook_publishes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="card writer crashed"):
         reg.register(make_model(tmp_path / "student", "a"), lineage=lineage(), metrics=METRICS, decision=DECISION, before_publish=broken)
     assert reg.versions() == [] and not list(reg.versions_dir.iterdir()), "no version without its card, no staging left"
+
+
+def test_the_promotion_stage_registers_students_with_their_card(tmp_path):
+    from tasks.config import PromotionConfig
+    from tasks.promote import run_promotion_stage
+
+    cfg = PromotionConfig.model_validate({"gate": {"rules": [{"metric": "exact_match", "kind": "absolute", "threshold": 0.5}]}})
+    record = run_promotion_stage(cfg, str(tmp_path / "reg"), str(make_model(tmp_path / "student", "a")), METRICS, lineage(),
+                                 log_fn=lambda _: None)
+    card = ModelCard.load(Path(record["registry_path"]) / CARD_NAME)
+    assert card.data.base_model == "Qwen/Qwen2.5-0.5B-Instruct" and card.data.model_name == f"stillhouse-{record['version']}"
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["exact_match"] == 0.73
+    assert record["summary"] in card.text
