@@ -1,7 +1,6 @@
 """Bad input fails before any model loads, with a message naming the field or file."""
 
 import json
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -122,3 +121,128 @@ def test_model_reference_checks(tiny_models, tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model_dir(str(tmp_path / "m"), None)
+
+
+# --- bad input named by file, row and field; split leakage (issue 20) ------------------------------------------
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(prefix, n, **extra):
+    return [{"id": f"{prefix}{i}", "prompt": f"What is {i} plus {prefix}?", "references": [str(i)], **extra} for i in range(n)]
+
+
+def test_data_error_is_a_user_error():
+    from storage.errors import UserError
+
+    assert issubclass(DataError, UserError)
+
+
+def test_data_config_checks_templates_and_splits():
+    from tasks.config import DataConfig
+
+    with pytest.raises(ValidationError, match="both 'train'"):
+        DataConfig(eval_split="train")
+    with pytest.raises(ValidationError, match="column names"):
+        DataConfig(prompt_template="{} and {0}")
+    with pytest.raises(ValidationError, match="not a valid template"):
+        DataConfig(prompt_template="{instruction")
+    with pytest.raises(ValidationError, match="eval_fraction"):
+        DataConfig(eval_fraction=1.5)
+
+
+def test_single_file_source_is_refused_with_the_fix(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, data = tiny_models
+    with pytest.raises(DataError, match=r"train.jsonl is one file used for both splits.*data.eval_fraction"):
+        prepare(DataConfig(), str(data / "train.jsonl"), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    with pytest.raises(DataError, match=r"one pattern \(3 files\) used for both splits"):
+        prepare(DataConfig(), str(data / "*.jsonl"), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    manifest = prepare(DataConfig(eval_fraction=0.1, max_train_examples=30), str(data / "train.jsonl"), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    assert manifest["checks"]["eval_seen_in_train"] == 0 and manifest["splits"]["test"]["rows"] > 0
+
+
+def test_same_file_for_both_splits_is_refused(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, data = tiny_models
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((data / "train.jsonl").read_text())
+    (folder / "test.jsonl").symlink_to(folder / "train.jsonl")
+    with pytest.raises(DataError, match="read for both the 'train' and the 'test' split"):
+        prepare(DataConfig(), str(folder), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+
+
+def test_eval_prompts_seen_in_training_are_refused_or_reported(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, _ = tiny_models
+    data = tmp_path / "data"
+    train = _rows("t", 10) + [{"id": "dup", "prompt": "What is 1 plus t?", "references": ["1"]}]
+    _jsonl(data / "train.jsonl", train)
+    seen = [{"id": f"e{i}", "prompt": f"what is {i}  PLUS t", "references": [str(i)]} for i in range(3)]  # normalised = seen
+    _jsonl(data / "test.jsonl", seen + _rows("e", 4)[3:])
+    with pytest.raises(DataError, match=r"3 of 4 'test' prompts also appear among the 'train' prompts.*allow_eval_overlap"):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    assert not list((tmp_path / "o").glob("*.parquet")) and not (tmp_path / "o" / "manifest.json").exists()
+    manifest = prepare(DataConfig(allow_eval_overlap=True), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    checks = manifest["checks"]
+    assert (checks["eval_seen_in_train"], checks["train_duplicates"], checks["eval_duplicates"], checks["eval_ids_in_train"]) == (3, 1, 0, 0)
+    assert checks["format"] == "prompt" and checks["eval_overlap_allowed"] is True
+
+
+def test_eval_ids_in_training_are_refused(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, _ = tiny_models
+    data = tmp_path / "data"
+    _jsonl(data / "train.jsonl", _rows("a", 5))
+    _jsonl(data / "test.jsonl", [{**r, "id": f"a{i}"} for i, r in enumerate(_rows("b", 2))])
+    with pytest.raises(DataError, match="2 of 2 'test' rows have an 'id' that is also a 'train' id"):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+
+
+@pytest.mark.parametrize("value, got", [(42, r"42 \(int\)"), (["ok", 7], r"a list whose item 1 is 7 \(int\)"), ({"a": 1}, r"\{'a': 1\} \(dict\)")])
+def test_reference_of_wrong_type_names_file_row_field_and_type(tiny_models, tmp_path, value, got):
+    from tasks.config import DataConfig
+
+    dirs, _ = tiny_models
+    data = tmp_path / "data"
+    rows = _rows("a", 3)
+    rows[2]["references"] = value
+    _jsonl(data / "train.jsonl", rows)
+    _jsonl(data / "test.jsonl", _rows("b", 1))
+    expected = rf"train.jsonl row 2 \(line 3\): field 'references' is {got}; expected a string or a list of strings"
+    with pytest.raises(DataError, match=expected):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+
+
+def test_non_utf8_bytes_and_broken_json_are_named_by_offset_and_line(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, _ = tiny_models
+    data = tmp_path / "data"
+    good = "".join(json.dumps(r) + "\n" for r in _rows("a", 2)).encode()
+    (data).mkdir()
+    (data / "train.jsonl").write_bytes(good + b'{"prompt": "caf\xe9", "references": ["x"]}\n')
+    _jsonl(data / "test.jsonl", _rows("b", 1))
+    offset = len(good) + len(b'{"prompt": "caf')
+    with pytest.raises(DataError, match=rf"train.jsonl: line 3, byte offset {offset}: byte 0xe9 is not UTF-8; re-encode"):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+    (data / "train.jsonl").write_bytes(good + b'{"prompt": "cut off\n')
+    with pytest.raises(DataError, match=r"train.jsonl: row 2 \(line 3\) is not valid JSON"):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
+
+
+def test_top_k_above_the_vocabulary_is_refused_before_reading(tiny_models, tmp_path):
+    from tasks.config import DataConfig
+
+    dirs, data = tiny_models
+    with pytest.raises(DataError, match=r"teacher.top_k=401 is larger than the teacher's vocabulary \(400 tokens"):
+        prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16, top_k=401)

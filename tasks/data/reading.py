@@ -167,12 +167,44 @@ def open_part(part: Part, source: str):
     return _load(part, source)
 
 
-def iter_batches(ds, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[int, dict[str, list[Any]]]]:
-    """(index of the batch's first row, columns) for every batch of `batch_rows` rows."""
+def iter_batches(ds, part: Part, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    """(index of the batch's first row, columns) for every batch of `batch_rows` rows.
+
+    A JSON file whose column mixes types (a string in one row, a list or a number in another) is stored by `datasets`
+    as JSON text that loses the difference between "12" and 12; such a file is read line by line instead, so every
+    value keeps its type and a wrong one is named by its row."""
+    if part.kind == "json" and "Json(" in repr(ds.features):  # anywhere in the feature tree, e.g. List(Json)
+        yield from _python_json_batches(part, batch_rows)
+        return
     start = 0
-    for batch in ds.iter(batch_size=batch_rows):
-        yield start, batch
-        start += len(next(iter(batch.values()))) if batch else 0
+    try:
+        for batch in ds.iter(batch_size=batch_rows):
+            yield start, batch
+            start += len(next(iter(batch.values()))) if batch else 0
+    except UnicodeDecodeError as exc:  # datasets can store invalid UTF-8 that only fails when decoded
+        diagnose_file(part)
+        raise DataError(f"{part.label}: row {start} or later is not valid UTF-8 ({exc}); re-encode the file as UTF-8") from exc
+
+
+def _python_json_batches(part: Part, batch_rows: int) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    diagnose_file(part)  # names non-UTF-8 bytes and lines that are not JSON
+    with open(part.path, encoding="utf-8") as f:
+        rows = (json.loads(line) for line in f if line.strip()) if part.path.endswith(".jsonl") else iter(json.load(f))
+        start, batch = 0, []
+        for row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{part.where(start + len(batch))}: is {type(row).__name__}, not a JSON object")
+            batch.append(row)
+            if len(batch) == batch_rows:
+                yield start, _columns(batch)
+                start, batch = start + len(batch), []
+        if batch:
+            yield start, _columns(batch)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in names}
 
 
 def diagnose_file(part: Part) -> None:

@@ -200,7 +200,7 @@ def _read_all(cfg: DataConfig, source: str, sources: Sources, writers: dict[str,
                 tokenised = _Tokenised(layout, tokenizer, max_prompt_tokens)
             else:
                 layout.check_columns(list(ds.column_names), part.label)
-            for start, batch in iter_batches(ds, batch_rows):
+            for start, batch in iter_batches(ds, part, batch_rows):
                 for example_id, prompt, ids, refs, prompt_hash in tokenised.rows(batch, part, start):
                     if split is None:
                         writer = writers[cfg.eval_split] if held_out(prompt_hash, cfg.eval_fraction) else writers[cfg.train_split]
