@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -16,6 +17,12 @@ def _encode(tokenizer: PreTrainedTokenizerFast, ex: Example) -> tuple[list[int],
     prompt_ids = tokenizer(format_prompt(ex.prompt), add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(" " + ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids, response_ids
+
+
+def cosine_schedule(steps: int):
+    """Learning-rate factor: linear warmup over 5% of the steps, then cosine decay to 0."""
+    warmup = max(1, steps // 20)
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
 def train_sft(
@@ -33,11 +40,7 @@ def train_sft(
     rng = random.Random(seed)
     encoded = [_encode(tokenizer, ex) for ex in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, steps) / steps)).item()),
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     pad = tokenizer.pad_token_id
     model.train()
     start = time.time()

@@ -1,0 +1,1 @@
+"""Student initialisation stages: what the student is before distillation starts (`train.init`)."""
