@@ -81,11 +81,6 @@ class DataConfig(StageConfig):
         "(uppercase, plurals, word order), classify (sentiment/topic labels as words), or mix (all three: multi-task). "
         "Each has its own tokenizer, teacher and students, built once; evaluation prompts never occur in training.",
     )
-    demo_task: Literal["qa", "transform", "classify", "mix"] = Field(
-        "qa", description="Built-in task family (data.source 'demo'): qa (arithmetic, opposites, colours...), transform "
-        "(uppercase, plurals, word order), classify (sentiment/topic labels as words), or mix (all three: multi-task). "
-        "Each has its own tokenizer, teacher and students, built once; evaluation prompts never occur in training.",
-    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -190,12 +185,6 @@ class TrainConfig(StageConfig):
         "state sharded across workers (fsdp, torch FSDP2) for students that do not fit one device.",
     )
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged at the end) instead of all weights.")
-    init: Literal["as_is", "sft"] = Field(
-        "as_is", description="Start from train.student as it is, or first fine-tune it with cross-entropy on the training "
-        "references (sft: MiniLLM's starting point; needs data.reference_field) for train.sft_steps.",
-    )
-    sft_steps: int = Field(300, ge=1, description="Steps of the train.init=sft pass (objective ce on the first reference + EOS).")
-    sft_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the sft pass (None: train.learning_rate).")
     init: Literal["as_is", "sft"] = Field(
         "as_is", description="Start from train.student as it is, or first fine-tune it with cross-entropy on the training "
         "references (sft: MiniLLM's starting point; needs data.reference_field) for train.sft_steps.",
