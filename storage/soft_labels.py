@@ -31,7 +31,7 @@ from storage.location import Location, locate
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 METADATA_KEY = b"stillhouse"
-RESPONSE_SOURCES = ("teacher_sample", "reference", "student_rollout")
+RESPONSE_SOURCES = ("teacher_sample", "reference", "student_rollout", "mixup")
 ZSTD_LEVEL = 6
 # Metadata fields whose value is fixed per capture; a shard written with other values is stale.
 IDENTITY_FIELDS = ("schema_version", "codec", "teacher_key", "tokenizer_hash", "k", "split", "response_source")
