@@ -35,9 +35,11 @@ lint: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# Train the same student with each KD objective (3 seeds) and write docs/results/methods.{json,md}.
+# Writes docs/results/methods.json and methods_table.md (docs/results/methods.md discusses them).
+# The papers' protocol (flows/compare.py): every objective from the base student, the reverse-KL family from sft,
+# random vs base vs sft, an lr check; qa and transform tasks, 3 seeds. COMPARE_ARGS narrows it, e.g. --grid reduced.
 compare: setup
-	$(PY) -m flows.compare
+	$(PY) -m flows.compare $(COMPARE_ARGS)
 
 # Local Prefect server + UI (127.0.0.1:4200), process worker and Ray head; deploys deploy/prefect.yaml.
 stack: setup

@@ -62,3 +62,23 @@ def test_demo_student_names():
     assets = {"student_base": "/b", "student_random": "/r"}
     assert demo_model_dir("demo", assets) == "/b" and demo_model_dir("demo-random", assets) == "/r"
     assert demo_model_dir("/some/folder", assets) is None
+
+
+def test_compare_plan_and_gap_closed():
+    from flows.compare import METHODS, gap_closed, ordering, plan
+
+    rows = plan("full", ["qa", "transform"])
+    base = {r["method"] for r in rows if r["task"] == "transform" and r["init"] == "base" and r["lr"] is None}
+    assert base == set(METHODS)
+    assert {r["method"] for r in rows if r["init"] == "sft"} >= {"rkl", "skew_rkl", "akl", "ce"}
+    assert {r["method"] for r in rows if r["init"] == "random"} >= {"fkl", "rkl", "akl", "ce"}
+    run = lambda *em: {"runs": [{"exact_match": e} for e in em]}  # noqa: E731
+    task = {"learning_rate": 3e-3, "teacher": {"exact_match": 0.9}, "runs": {
+        "ce [base]": {"method": "ce", "init": "base", "learning_rate": 3e-3, **run(0.5, 0.5)},
+        "fkl [base]": {"method": "fkl", "init": "base", "learning_rate": 3e-3, **run(0.7, 0.7)},
+        "akl [base]": {"method": "akl", "init": "base", "learning_rate": 3e-3, **run(0.8, 0.8)},
+        "rkl [base]": {"method": "rkl", "init": "base", "learning_rate": 3e-3, **run(0.1, 0.3)},
+        "rkl [random]": {"method": "rkl", "init": "random", "learning_rate": 3e-3, **run(0.1)},
+    }}
+    assert abs(gap_closed(task, "fkl [base]") - 0.5) < 1e-9 and gap_closed(task, "rkl [random]") is None
+    assert "holds" in ordering(task)[1] and ordering(task)[0].startswith("Ordering from base (exact match): akl")
