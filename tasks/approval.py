@@ -32,7 +32,7 @@ def approval_description(decision: dict[str, Any]) -> str:
         lines += ["| rule | value | threshold | result | reason |", "|---|---|---|---|---|"]
         for r in rules:
             lines.append(f"| {r.get('name')} | {_fmt(r.get('value'))} | {_fmt(r.get('threshold'))} | "
-                         f"{'pass' if r.get('passed') else 'FAIL'} | {str(r.get('reason', '')).replace('|', '/')} |")
+                         f"{'pass' if r.get('passed') else ('n/a' if r.get('status') == 'not_evaluable' else 'FAIL')} | {str(r.get('reason', '')).replace('|', '/')} |")
     return "\n".join(lines)
 
 

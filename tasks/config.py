@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage.errors import UserError
 
 from tasks.gate import GateConfig, GateRule
+from tasks.tracking import TrackingConfig
 
 
 def default_data_dir() -> str:
@@ -147,6 +148,13 @@ class TeacherConfig(StageConfig):
     use_gpu: bool = Field(False, description="Give each replica engine.tensor_parallel_size GPUs (vLLM on a GPU cluster).")
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
+    @model_validator(mode="after")
+    def _samples_differ(self) -> "TeacherConfig":
+        if self.mode == "generate" and self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError(f"teacher.temperature=0 is greedy decoding: its {self.samples_per_prompt} samples per prompt "
+                             "would be identical; set teacher.temperature > 0 or teacher.samples_per_prompt=1")
+        return self
+
 
 class LoraSettings(StageConfig):
     """Low-rank adapters (peft) instead of full fine-tuning; merged into the weights at the end."""
@@ -197,6 +205,18 @@ class TrainConfig(StageConfig):
         "of example each (on the demo task held-out exact match fell from 0.70 to 0.08 at 300 steps). Turn on for long, "
         "varied sequences where padding dominates, and check the held-out metrics.",
     )
+    fused_head: bool = Field(
+        False, description="Compute the loss from the student's final hidden states and lm-head weight in vocabulary "
+        "blocks (tasks/objectives/fused_head.py) instead of from [tokens x vocabulary] logits: same loss and gradients "
+        "(float round-off), far less memory at large vocabularies. Plain linear heads only (no bias or logit "
+        "soft-capping); not with strategy=fsdp.",
+    )
+    packing: bool = Field(
+        False, description="Pack several sequences per row (first-fit up to the longest sequence of the micro-batch), "
+        "position ids restarting per sequence and attention kept inside each (tasks/train/packing.py), instead of one "
+        "padded row per sequence. Same sequences per step and the same loss as padding; fewer pad tokens. The train "
+        "log reports padding_waste either way.",
+    )
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")
@@ -204,6 +224,13 @@ class TrainConfig(StageConfig):
         None, description="Where Ray Train keeps checkpoints: a shared path or a URI (s3://bucket/prefix, gs://...) "
         "that every worker reaches; None: under the stage's cache folder on this machine.",
     )
+
+    @model_validator(mode="after")
+    def _fused_head_needs_ddp(self) -> "TrainConfig":
+        if self.fused_head and self.strategy == "fsdp":
+            raise ValueError("train.fused_head with train.strategy=fsdp is not supported (the lm-head weight is sharded); "
+                             "use strategy=ddp or fused_head=false")
+        return self
 
     @model_validator(mode="after")
     def _lora_needs_ddp(self) -> "TrainConfig":
@@ -286,6 +313,7 @@ class PipelineConfig(StageConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow by default, local store).")
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":

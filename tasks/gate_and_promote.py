@@ -34,6 +34,7 @@ def lineage(config: PipelineConfig, inputs: PromotionInputs) -> dict[str, Any]:
         "soft_labels_manifest": inputs.labels.train_manifest,
         "soft_labels_manifest_sha256": sha256_json(manifest["shards"]),
         "eval_set_sha256": inputs.prepared.eval.sha256,
+        "data": {"source": config.data.source, "eval_split": config.data.eval_split},
         "train_config": config.train.model_dump(mode="json"),
         "train_key": inputs.student.key,
         "code_version": code_version(),

@@ -6,8 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from storage.errors import UserError
 
-class ModelError(ValueError):
+
+class ModelError(UserError):
     """A model reference cannot be used; the message names it and what to do."""
 
 

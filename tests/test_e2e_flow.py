@@ -14,7 +14,7 @@ import pytest
 
 from tasks.config import PipelineConfig
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the module fixture builds demo assets and runs whole flows
 
 BASE = {
     "data": {"max_train_examples": 96, "max_eval_examples": 40, "demo_teacher_steps": 40},

@@ -14,7 +14,7 @@ import httpx
 HTTP = httpx.Client(timeout=60)  # the server can answer slowly while the machine is busy training
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the module fixture builds demo assets and runs whole flows
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,12 +26,13 @@ import numpy as np
 
 from storage import soft_labels
 from storage.atomic import sha256_json
+from storage.errors import UserError
 from tasks.teacher.extract import labels_from_flat
 
 MODES = ("generate", "score")
 
 
-class CaptureError(ValueError):
+class CaptureError(UserError):
     """The capture cannot run as asked (bad input or settings); the message names what and where."""
 
 
