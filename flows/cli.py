@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def configure_runtime(data_dir: str) -> None:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # The temporary Prefect server's default 20 s start limit fails on a busy machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -53,30 +56,35 @@ def _load(args) -> "PipelineConfig":  # noqa: F821
 def cmd_run(args) -> int:
     config = _load(args)
     configure_runtime(config.data_dir)
+    from flows.console import Console
     from flows.distill import distill
     from flows.progress import StageProgress
     from tasks.ray_logs import ray_output_to
 
     progress = StageProgress(enabled=False if args.no_progress else None)  # bars on a terminal only
-    try:
-        with ray_output_to(progress.feed):
-            run_json = distill(config)
-    finally:
-        progress.close()
+    with Console(config.data_dir, verbose=args.verbose, progress=progress) as console:
+        try:
+            with ray_output_to(progress.feed):
+                run_json = distill(config)
+        except BaseException:
+            console.failed()  # where the log is; the CLI's one-line error (main) stays the last line
+            raise
+        finally:
+            _shutdown_ray()
+        # Keep the run.json path the last line: quiet Prefect's shutdown chatter (its temporary server logs
+        # "Stopping temporary server" at exit), warnings still show.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        console.finish(run_json)  # the summary (stderr), then the run.json path alone on stdout
+    return 0
+
+
+def _shutdown_ray() -> None:
     try:
         import ray
 
         ray.shutdown()
     except Exception:
         pass
-    # Keep the run.json path the last line: quiet Prefect's shutdown chatter (its temporary server
-    # logs "Stopping temporary server" at exit), warnings still show.
-    import logging
-
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    sys.stderr.flush()
-    print(run_json, flush=True)
-    return 0
 
 
 def cmd_validate(args) -> int:
@@ -112,6 +120,9 @@ def _main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
         if name != "validate":
             p.add_argument("--no-progress", action="store_true", help="no progress bars (they show on a terminal only)")
+            p.add_argument("--verbose", action="store_true",
+                           help="print every line as Prefect, Ray and vLLM print it (by default: stage lines, warnings, "
+                                "errors and a summary; the rest goes to the run's log file)")
     sub.add_parser("registry", help="list/show/promote/rollback/export registry versions (see 'stillhouse registry --help')")
     args = parser.parse_args(argv)
     if args.command == "validate":
