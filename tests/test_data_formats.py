@@ -162,3 +162,19 @@ def test_references_mixing_strings_and_lists_keep_their_text(chat_models, tmp_pa
     write_jsonl(data / "test.jsonl", [{"prompt": "Add 1 and 1", "references": "2"}])
     manifest = run(DataConfig(), data, chat_models, tmp_path / "out")
     assert [r["references"] for r in read_prompts(manifest["splits"]["train"]["path"])] == [["12"], ["8", "eight"], []]
+
+
+def test_prompt_field_under_the_default_template_and_stored_prompt(chat_models, tmp_path):
+    """{prompt} in the default template reads data.prompt_field; the shard stores the prompt without the answer cue."""
+    from tasks.data import load_rows
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [{"question": "Q one?", "answer": "A"}, {"question": "Q one?", "answer": "A", "id": "x"}])
+    write_jsonl(data / "test.jsonl", [{"question": "Q two?", "answer": "B"}])
+    manifest = run(DataConfig(prompt_field="question", reference_field="answer"), data, chat_models, tmp_path / "out")
+    row = read_prompts(manifest["splits"]["test"]["path"])[0]
+    tok = load_tokenizer(chat_models["chat"])
+    assert (row["prompt"], row["references"], row["example_id"]) == ("Q two?", ["B"], "test-0000000")
+    assert row["prompt_ids"] == tok("Q two?\nAnswer:")["input_ids"]
+    assert manifest["checks"]["train_duplicates"] == 1
+    assert [r["question"] for r in load_rows(str(data), "train")] == ["Q one?", "Q one?"]

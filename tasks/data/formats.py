@@ -47,7 +47,8 @@ def detect_format(cfg: DataConfig, columns: list[str], where: str) -> str:
 class Converted:
     """One batch: parallel lists, one entry per row."""
 
-    prompts: list[str]          # stored in the shard's `prompt` column
+    prompts: list[str]          # stored in the shard's `prompt` column: the filled template (the raw prompt under the
+                                # default prompt-format template), or the rendered chat for messages
     texts: list[str]            # what the tokenizer encodes
     keys: list[str]             # compared across splits after normalisation
     references: list[list[str]]
@@ -107,9 +108,11 @@ class Layout:
                 prompt, key, refs = self._messages(row, where, tokenizer)
                 text = prompt
             else:
-                key = prompt = self._fill(row, where)
+                filled = self._fill(row, where)
+                # the default prompt template only adds the demo's answer cue: store (and compare) the prompt itself
+                key = prompt = str(row[self.cfg.prompt_field]) if self.format == "prompt" and self.cfg.prompt_template is None else filled
                 refs = self._references(row, where)
-                text = chat_prompt(tokenizer, [{"role": "user", "content": prompt}], where) if self.chat else prompt
+                text = chat_prompt(tokenizer, [{"role": "user", "content": filled}], where) if self.chat else filled
             out.prompts.append(prompt)
             out.texts.append(text)
             out.keys.append(key)

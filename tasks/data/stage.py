@@ -172,6 +172,8 @@ def prepare(cfg: DataConfig, source: str, teacher_dir: str, student_dir: str, ou
             "train_duplicates": duplicates(train_hashes.prompt_array()),
             "eval_duplicates": duplicates(eval_hashes.prompt_array()),
             **overlap_counts(train_hashes, eval_hashes),
+            "train_duplicate_ids": duplicates(train_hashes.id_array()),
+            "eval_duplicate_ids": duplicates(eval_hashes.id_array()),
             "eval_overlap_allowed": cfg.allow_eval_overlap,
         }
         if not cfg.allow_eval_overlap:
