@@ -188,7 +188,7 @@ def test_eval_prompts_seen_in_training_are_refused_or_reported(tiny_models, tmp_
     _jsonl(data / "train.jsonl", train)
     seen = [{"id": f"e{i}", "prompt": f"what is {i}  PLUS t", "references": [str(i)]} for i in range(3)]  # normalised = seen
     _jsonl(data / "test.jsonl", seen + _rows("e", 4)[3:])
-    with pytest.raises(DataError, match=r"3 of 4 'test' prompts also appear among the 'train' prompts.*allow_eval_overlap"):
+    with pytest.raises(DataError, match=r"3 of 4 evaluation prompts \('test'\) also appear among the training prompts \('train'.*allow_eval_overlap"):
         prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
     assert not list((tmp_path / "o").glob("*.parquet")) and not (tmp_path / "o" / "manifest.json").exists()
     manifest = prepare(DataConfig(allow_eval_overlap=True), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
@@ -204,7 +204,7 @@ def test_eval_ids_in_training_are_refused(tiny_models, tmp_path):
     data = tmp_path / "data"
     _jsonl(data / "train.jsonl", _rows("a", 5))
     _jsonl(data / "test.jsonl", [{**r, "id": f"a{i}"} for i, r in enumerate(_rows("b", 2))])
-    with pytest.raises(DataError, match="2 of 2 'test' rows have an 'id' that is also a 'train' id"):
+    with pytest.raises(DataError, match=r"2 of 2 evaluation rows \('test'\) have an 'id' that is also a training id \('train'\)"):
         prepare(DataConfig(), str(data), dirs["teacher"], dirs["student"], tmp_path / "o", 16)
 
 

@@ -67,14 +67,14 @@ def refuse_leakage(counts: dict[str, int], eval_rows: int, train_split: str, eva
     seen, ids = counts["eval_seen_in_train"], counts["eval_ids_in_train"]
     if seen:
         raise DataError(
-            f"{seen} of {eval_rows} {eval_split!r} prompts also appear among the {train_split!r} prompts (same text after "
+            f"{seen} of {eval_rows} evaluation prompts ({eval_split!r}) also appear among the training prompts ({train_split!r}; same text after "
             "normalising case, punctuation and spaces), so evaluation would measure memorisation; remove them from one split, "
             "use data.eval_fraction to split one source disjointly, or set data.allow_eval_overlap true to keep them (they are "
             "then counted in the manifest's checks)"
         )
     if ids:
         raise DataError(
-            f"{ids} of {eval_rows} {eval_split!r} rows have an 'id' that is also a {train_split!r} id; give the splits distinct "
+            f"{ids} of {eval_rows} evaluation rows ({eval_split!r}) have an 'id' that is also a training id ({train_split!r}); give the splits distinct "
             "ids (or drop the id column), or set data.allow_eval_overlap true if the ids are per-split counters"
         )
 
