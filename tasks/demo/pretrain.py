@@ -116,4 +116,4 @@ def pretrain_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tex
         if step % 100 == 0 or step == steps - 1:
             log_fn(f"demo base student: step {step + 1}/{steps} LM loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     model.eval()
-    return float(loss)
+    return float(loss.detach())
