@@ -30,7 +30,7 @@ def lineage(config: PipelineConfig, inputs: PromotionInputs) -> dict[str, Any]:
     manifest = soft_labels.load_manifest(inputs.labels.train_manifest)
     return {
         "teacher": {"model": config.teacher.model, "hash": manifest["metadata"]["teacher_hash"], "dir": inputs.prepared.teacher_dir},
-        "student_init": {"model": config.train.student, "dir": inputs.prepared.student_dir},
+        "student_init": {"model": config.train.student, "dir": inputs.prepared.student_dir, "init": config.train.init},
         "soft_labels_manifest": inputs.labels.train_manifest,
         "soft_labels_manifest_sha256": sha256_json(manifest["shards"]),
         "eval_set_sha256": inputs.prepared.eval.sha256,

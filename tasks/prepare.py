@@ -65,10 +65,8 @@ def run(config: PipelineConfig, run_dir: Path, log: Callable[[str], None] = prin
 
     check_registry_dir(registry_dir(config))
     source, teacher_dir, student_dir = resolve_models(config, log)
-    manifest = prepare(config.data, source, teacher_dir, student_dir, Path(run_dir) / "prompts", config.teacher.max_new_tokens)
-    if config.teacher.top_k > manifest["vocab_size"]:
-        raise PrepareError(f"teacher.top_k={config.teacher.top_k} is larger than the teacher's vocabulary "
-                           f"({manifest['vocab_size']} tokens); lower teacher.top_k")
+    manifest = prepare(config.data, source, teacher_dir, student_dir, Path(run_dir) / "prompts", config.teacher.max_new_tokens,
+                       top_k=config.teacher.top_k)
     check_cluster(config, config.train.ray_address)
     splits = manifest["splits"]
     prepared = PreparedData(
