@@ -224,6 +224,21 @@ class TrainConfig(StageConfig):
         "padded row per sequence. Same sequences per step and the same loss as padding; fewer pad tokens. The train "
         "log reports padding_waste either way.",
     )
+    uncertainty_weighting: bool = Field(
+        False, description="Dynamic KD's per-example weights (tasks/objectives/weighting.py): the objective's teacher terms "
+        "weighted by the student's normalised entropy (no gradient); target terms (ce) unweighted. Not with fused_head.",
+    )
+    dynamic_teacher: Literal["off", "hard", "soft", "soft_instance"] = Field(
+        "off", description="Dynamic teacher adoption from two teachers' labels of the same responses (the main teacher = "
+        "large, the single `teachers:` entry = small): hard sends the uncertain half of each batch to the small teacher, "
+        "soft weights both by the batch's mean uncertainty, soft_instance per example. Needs exactly one `teachers:` entry.",
+    )
+    mixkd: MixKDConfig | None = Field(
+        None, description="MixKD (tasks/augment): a stored mixup plan over the training labels, the teacher's labels on "
+        "the mixed input embeddings (stage mixkd, after teacher-labels), and the student trained on the objective plus "
+        "the student-mixup and teacher-mixup KD terms. For short answers and classification-style tasks. None: off "
+        "(`--set 'train.mixkd={}'` turns it on with the defaults).",
+    )
     use_gpu: bool = False
     seed: int = 0
     ray_address: str | None = Field(None, description="Existing Ray cluster (also honoured: RAY_ADDRESS); None starts a local one.")
@@ -243,6 +258,16 @@ class TrainConfig(StageConfig):
     def _lora_needs_ddp(self) -> "TrainConfig":
         if self.lora is not None and self.strategy == "fsdp":
             raise ValueError("train.lora with train.strategy=fsdp is not supported; use strategy=ddp for LoRA students")
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_kd_paths(self) -> "TrainConfig":
+        if self.fused_head and (self.uncertainty_weighting or self.dynamic_teacher != "off"):
+            raise ValueError("train.fused_head does not support train.uncertainty_weighting or train.dynamic_teacher "
+                             "(both read the student's full logits); turn fused_head off")
+        if self.uncertainty_weighting and self.dynamic_teacher != "off":
+            raise ValueError("train.dynamic_teacher already weights the teachers by uncertainty; "
+                             "set train.uncertainty_weighting=false")
         return self
 
     @model_validator(mode="after")
@@ -273,6 +298,60 @@ class EvalConfig(StageConfig):
         "metrics.json, when lm-eval is not installed or the tasks' datasets are not reachable. Gate name: lm_eval:<task>.",
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task (None: all).")
+
+
+class SelectConfig(StageConfig):
+    """Lazy, uncertainty-driven labelling (Dynamic KD): the student scores the training prompts, the teacher labels
+    only the most uncertain fraction (tasks/select)."""
+
+    enabled: bool = Field(False, description="Run the selection stage before teacher-labels (off: the teacher labels every prompt).")
+    method: Literal["entropy", "margin", "confidence", "random"] = Field(
+        "entropy", description="Student uncertainty on its own greedy answer: highest mean token entropy, smallest "
+        "top-1/top-2 margin, lowest confidence; random is the seeded control.",
+    )
+    fraction: float = Field(0.1, gt=0, le=1, description="r: share of the training prompts sent to the teacher. A later "
+                            "run with a larger r (same student, method and prompts) labels only the difference.")
+    seed: int = Field(0, description="Seed of the random method and of the student's sampling.")
+    top_k: int = Field(20, ge=2, le=1024, description="Student log-probs per position used for the scores (margin needs 2).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest student answer scored per prompt.")
+    temperature: float = Field(0.0, ge=0, description="Student sampling temperature for the scoring pass (0: greedy).")
+    unlabelled: Literal["ce", "none"] = Field(
+        "ce", description="What the prompts the teacher did not label contribute: ce = cross-entropy on their first "
+        "reference (needs data.reference_field; KD terms masked there), none = nothing (they are left out).",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM settings of the student's scoring pass.")
+
+
+class MemberTeacherConfig(StageConfig):
+    """An extra teacher (multi-teacher labels): it scores the main teacher's training responses."""
+
+    output_neutral_fields: ClassVar[frozenset[str]] = frozenset({"replicas", "cpus_per_replica", "use_gpu"})
+
+    model: str = Field(description="'demo-small' (the demo's 2 x 128 teacher, built once), a local HF folder or a hub id; "
+                       "must share the student's tokenizer.")
+    revision: str | None = None
+    top_k: int | None = Field(None, ge=1, le=1024, description="Top-k stored per token (None: teacher.top_k).")
+    weight: float = Field(1.0, gt=0, description="Weight in the probability mean (ensemble.mode mean); the main teacher has ensemble.main_weight.")
+    replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class EnsembleConfig(StageConfig):
+    """How the main teacher and the `teachers:` members combine into the label set the student trains on."""
+
+    mode: Literal["mean", "route"] = Field(
+        "mean", description="mean: the weighted mean of the members' probabilities over the union of their top-k "
+        "(storage/FORMAT.md, mean-prob-union-v1); route: each example takes one member's labels, chosen by a dataset "
+        "column (ensemble.route_column, values mapped by ensemble.routes). With train.dynamic_teacher the pair is kept "
+        "unmerged instead.",
+    )
+    main_weight: float = Field(1.0, gt=0, description="Weight of the main teacher in the mean.")
+    k: int | None = Field(None, ge=1, description="Merged top-k (None: the largest member k for mean, the smallest for route).")
+    route_column: str | None = Field(None, description="Prompt column that picks the teacher per example (mode route).")
+    routes: dict[str, int] = Field(default_factory=dict, description="route_column value -> member: 0 = the main "
+                                   "teacher, i = teachers[i-1]. Every value in the data must be listed.")
 
 
 def default_gate() -> GateConfig:
@@ -321,6 +400,13 @@ class PipelineConfig(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow by default, local store).")
+    select: SelectConfig = Field(default_factory=SelectConfig, description="Uncertainty-driven selection of the prompts the teacher labels.")
+    teachers: list[MemberTeacherConfig] = Field(
+        default_factory=list, description="Extra teachers (multi-teacher labels); each scores the main teacher's training responses.")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="How the teachers' labels combine (with `teachers:`).")
+
+    def _check_dynamic_kd(self) -> None:
+        _check_dynamic_kd_config(self)
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
@@ -331,7 +417,41 @@ class PipelineConfig(StageConfig):
             raise ValueError("a gate rule uses rouge_l_sampled but eval.sample_seeds is 0; set eval.sample_seeds >= 1")
         if self.train.num_workers > self.train.batch_size:
             raise ValueError("train.num_workers must not exceed train.batch_size")
+        self._check_dynamic_kd()
         return self
+
+
+def _check_dynamic_kd_config(config: "PipelineConfig") -> None:
+    """Selection, multi-teacher and dynamic-teacher settings that cannot work together; checked before any compute."""
+    from tasks.objectives import build_objective
+    from tasks.objectives.weighting import split_terms
+
+    train, select = config.train, config.select
+    if train.dynamic_teacher != "off":
+        if len(config.teachers) != 1:
+            raise ValueError(f"train.dynamic_teacher={train.dynamic_teacher} needs exactly one `teachers:` entry (the small "
+                             f"teacher; the main teacher is the large one), got {len(config.teachers)}")
+        kd, _ = split_terms(build_objective(train.objective, support=train.support, temperature=train.temperature,
+                                            **train.objective_params))
+        if kd is None:
+            raise ValueError(f"train.dynamic_teacher needs a KD term in train.objective (e.g. fkl+ce), got {train.objective!r}")
+        if config.teachers[0].top_k not in (None, config.teacher.top_k):
+            raise ValueError(f"train.dynamic_teacher reads both teachers with one top-k: set teachers[0].top_k to "
+                             f"teacher.top_k ({config.teacher.top_k}) or leave it unset")
+    if config.teachers and config.ensemble.mode == "route" and train.dynamic_teacher == "off":
+        if not config.ensemble.route_column or not config.ensemble.routes:
+            raise ValueError("ensemble.mode=route needs ensemble.route_column and ensemble.routes (value -> member index)")
+        bad = {v: m for v, m in config.ensemble.routes.items() if not 0 <= m <= len(config.teachers)}
+        if bad:
+            raise ValueError(f"ensemble.routes {bad}: members are 0 (main teacher) .. {len(config.teachers)}")
+    if select.enabled:
+        if config.teachers:
+            raise ValueError("select.enabled with `teachers:` is not supported yet: use one or the other")
+        if select.unlabelled == "ce" and (train.packing or train.fused_head):
+            raise ValueError("select.unlabelled=ce trains cross-entropy-only shards, which train.packing and "
+                             "train.fused_head do not support yet; set them false or select.unlabelled=none")
+        if select.unlabelled == "ce" and config.data.reference_field is None and config.data.format == "prompt":
+            raise ValueError("select.unlabelled=ce needs references (data.reference_field); set it or select.unlabelled=none")
 
 
 class ConfigError(UserError):

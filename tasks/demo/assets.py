@@ -101,3 +101,34 @@ def ensure_demo_assets(data_dir: Path, seed: int = 0, teacher_steps: int = 1500,
                                 "build_seconds": round(time.time() - start, 1)})
     log_fn(f"demo[{task_name}]: assets built in {time.time() - start:.0f}s under {paths['root']}")
     return out
+
+
+SMALL_TEACHER_SHAPE = dict(hidden=128, layers=2, heads=2)
+SMALL_TEACHER = "demo-small"  # teacher.model / teachers[].model name of the demo's second, smaller teacher
+
+
+def ensure_small_teacher(data_dir: Path, seed: int = 0, teacher_steps: int = 1500, log_fn=log.info,
+                         task_name: str = "qa") -> str:
+    """The demo's second teacher (2 x 128, trained like the main one for half its steps), built once beside the
+    task's other assets with its own stamp, so the main assets' recipe is unchanged. Returns its folder."""
+    assets = ensure_demo_assets(data_dir, seed=seed, teacher_steps=teacher_steps, log_fn=log_fn, task_name=task_name)
+    root = Path(assets["root"])
+    target, stamp = root / "teacher-small", root / "teacher-small.json"
+    steps = max(1, teacher_steps // 2)
+    recipe = {"version": 1, "task": task_name, "seed": seed, "steps": steps, "shape": SMALL_TEACHER_SHAPE,
+              "assets": read_json(Path(assets["stamp"]))["key"]}
+    key = sha256_json(recipe)
+    if stamp.exists() and read_json(stamp).get("key") == key and (target / "config.json").exists():
+        return str(target)
+    from tasks.models import load_tokenizer
+
+    start = time.time()
+    tokenizer = load_tokenizer(assets["teacher"])  # the tokenizer exactly as the main teacher saved it
+    splits = task.generate(seed=seed, task=task_name)
+    torch.manual_seed(seed + 2)
+    model = LlamaForCausalLM(models.llama_config(tokenizer, **SMALL_TEACHER_SHAPE))
+    train_sft(model, tokenizer, splits["train"], steps=steps, seed=seed + 2, log_fn=log_fn)
+    save_pretrained_atomic(model, tokenizer, target)
+    write_json(stamp, {"key": key, "recipe": recipe, "build_seconds": round(time.time() - start, 1)})
+    log_fn(f"demo[{task_name}]: small teacher built in {time.time() - start:.0f}s at {target}")
+    return str(target)

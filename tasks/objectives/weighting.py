@@ -210,3 +210,43 @@ def dynamic_teacher_loss(objective: Objective, student_logits: Tensor, small: Sp
                          mask: Tensor, mode: str = "hard", num_valid_tokens: int | float | Tensor | None = None) -> Tensor:
     """Functional form of ``DynamicTeacher(objective, mode)(student_logits, small, large, mask, num_valid_tokens)``."""
     return DynamicTeacher(objective, mode)(student_logits, small, large, mask, num_valid_tokens)
+
+
+NO_TEACHER_PART = "ce_no_teacher"
+
+
+class TeacherMasked:
+    """``masked(student_logits, labels, mask, num_valid_tokens=None, kd_rows=None)``: the objective on rows with
+    teacher labels, cross-entropy on the others (lazy labelling: unselected prompts train on their reference).
+
+    kd_rows [B] (bool) says which rows hold teacher labels; None means all do, and the result is the objective
+    alone. Both parts share one denominator (the global count of valid tokens, all rows), so a row's loss does not
+    depend on which other rows have labels. ``last_parts`` always holds the objective's parts plus
+    ``ce_no_teacher`` (same keys every call, as the loop's all-reduce of the parts needs).
+    """
+
+    def __init__(self, objective):
+        from .registry import lookup
+
+        self.objective = objective
+        base = objective.objective if isinstance(objective, UncertaintyWeighted) else objective
+        self._ce = Objective([Term("ce", 1.0, lookup("ce"), {})], base.support, base.temperature, base.scale_t2,
+                             base.chunk_size)
+        self.last_parts: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"TeacherMasked({self.objective!r})"
+
+    def __call__(self, student_logits: Tensor, labels: SparseLabels, mask: Tensor,
+                 num_valid_tokens: int | float | Tensor | None = None, kd_rows: Tensor | None = None) -> Tensor:
+        mask = mask.bool()
+        n = mask.sum() if num_valid_tokens is None else num_valid_tokens
+        if kd_rows is None:
+            kd_rows = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+        kd_mask = mask & kd_rows.bool().to(mask.device)[:, None]
+        loss = self.objective(student_logits, labels, kd_mask, n)
+        parts = dict(self.objective.last_parts)
+        loss = loss + self._ce(student_logits, labels, mask & ~kd_mask, n)
+        parts[NO_TEACHER_PART] = self._ce.last_parts["ce"]
+        self.last_parts = parts
+        return loss

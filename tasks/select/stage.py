@@ -13,11 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from storage.atomic import sha256_dir, sha256_file
-from tasks.config import EngineConfig
+from tasks.config import EngineConfig, SelectConfig
+from tasks.contracts import Frozen, PreparedData, SplitFile, StageOutput
 from tasks.data import read_prompts
 from tasks.select.scores import HIGHER_FIRST, METHODS, SelectionError, method_scores, prompt_stats
 from tasks.select.selection import MANIFEST_NAME, check_fraction, load_selection, select, write_selection
+from tasks.stage_cache import StageContext, StageSpec
 from tasks.teacher.stage import TeacherReplica
 
 STAGE_VERSION = 1
@@ -135,3 +139,122 @@ def _score(prompts, student_dir, engine, scoring, scorer, ray_address):
         return ray.get(actor.stats.remote(*args))
     finally:
         ray.kill(actor)
+
+
+# --- the cached stage in the flow --------------------------------------------------------------------------------
+
+class SelectInputs(Frozen):
+    """What the selection reads: the prepared training prompts and the student that scores them."""
+
+    prepared: PreparedData
+    student_dir: str
+
+
+class SelectedPrompts(StageOutput):
+    """select-prompts: which training prompts the teacher labels (tasks/select/selection.py has the files)."""
+
+    manifest: str = Field(description="selection.json: method, r, scores table, teacher tokens (estimate) and the saving.")
+    train: SplitFile = Field(description="The selected prompts (prompts schema), what the teacher labels in all.")
+    increments: list[SplitFile] = Field(description="The rows each selection in the chain added (the last: this one's new "
+                                        "rows); the teacher stage labels each once, so a larger r labels only the difference.")
+    unselected: SplitFile = Field(description="The prompts the teacher does not label (select.unlabelled: ce trains them on references).")
+    fraction: float
+    method: str
+    num_prompts: int
+    num_selected: int
+    num_to_label: int = Field(description="Rows this run sends to the teacher (the last increment).")
+    teacher_tokens_saved: int = Field(description="Teacher tokens not spent (prompt + student-response estimate).")
+    teacher_tokens_saved_fraction: float
+    previous: str | None = Field(None, description="The earlier selection this one grows (its manifest), if any.")
+
+
+def _split_file(info: dict[str, Any]) -> SplitFile:
+    return SplitFile(path=str(info["path"]), rows=int(info["rows"]), sha256=str(info["sha256"]))
+
+
+def _write_unselected(prompts_path: str, table: list[dict[str, Any]], out_path: Path) -> SplitFile:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.atomic import tmp_path_for
+    from tasks.data import PROMPT_SCHEMA
+
+    chosen = {r["example_id"] for r in table if r["selected"]}
+    rows = [{f: p.get(f) for f in PROMPT_SCHEMA.names} for p in read_prompts(prompts_path) if p["example_id"] not in chosen]
+    tmp = tmp_path_for(out_path)
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), tmp)
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return SplitFile(path=str(out_path), rows=len(rows), sha256=sha256_file(out_path))
+
+
+def previous_selection(cfg: SelectConfig, inputs: SelectInputs, ctx: StageContext) -> SelectedPrompts | None:
+    """The largest finished selection in the stage cache that this one can grow: same prompts, student, method,
+    seed and scoring settings, and a smaller r."""
+    from tasks.stage_cache import recorded_output
+
+    best = None
+    for folder in sorted(ctx.out_dir.parent.iterdir()):
+        if folder == ctx.out_dir or not folder.is_dir():
+            continue
+        done = recorded_output(STAGE, folder)
+        if done is None or done.fraction >= cfg.fraction or done.method != cfg.method:
+            continue
+        try:
+            manifest, _ = load_selection(done.manifest)
+        except SelectionError:
+            continue
+        same = (manifest.get("prompts_sha256") == inputs.prepared.train.sha256 and manifest.get("seed") == cfg.seed
+                and manifest.get("student_dir") == inputs.student_dir
+                and manifest.get("scoring", {}).get("top_k") == cfg.top_k
+                and manifest.get("scoring", {}).get("temperature") == float(cfg.temperature)
+                and manifest.get("scoring", {}).get("max_new_tokens") == cfg.max_new_tokens)
+        if same and (best is None or done.fraction > best.fraction):
+            best = done
+    return best
+
+
+def run_select_stage(cfg: SelectConfig, inputs: SelectInputs, ctx: StageContext) -> SelectedPrompts:
+    """Score and select into ctx.out_dir; write the selected, newly selected and unselected prompt files."""
+    from tasks.select.selection import filter_prompts
+
+    prompts_path = inputs.prepared.train.path
+    prev = previous_selection(cfg, inputs, ctx)
+    if prev is not None:
+        ctx.log(f"select: growing the selection at r={prev.fraction} ({prev.manifest}); only the difference is labelled")
+    manifest_path = run_selection(prompts_path, inputs.student_dir, ctx.out_dir, method=cfg.method, fraction=cfg.fraction,
+                                  seed=cfg.seed, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, engine=cfg.engine,
+                                  previous=prev.manifest if prev else None, ray_address=ctx.ray_address, log_fn=ctx.log)
+    manifest, table = load_selection(manifest_path)
+    selected = _split_file(filter_prompts(prompts_path, manifest_path, ctx.out_dir / "selected.parquet"))
+    new = _split_file(filter_prompts(prompts_path, manifest_path, ctx.out_dir / "new.parquet", only_new=True))
+    increments = (list(prev.increments) if prev else []) + ([new] if new.rows else [])
+    tokens = manifest["teacher_tokens"]
+    return SelectedPrompts(
+        key=ctx.key, manifest=str(manifest_path), train=selected, increments=increments,
+        unselected=_write_unselected(prompts_path, table, ctx.out_dir / "unselected.parquet"),
+        fraction=cfg.fraction, method=cfg.method, num_prompts=manifest["num_prompts"], num_selected=manifest["num_selected"],
+        num_to_label=manifest["num_to_label"], teacher_tokens_saved=int(tokens["saved"]),
+        teacher_tokens_saved_fraction=float(tokens["saved_fraction"]), previous=prev.manifest if prev else None)
+
+
+def _key_parts(cfg: SelectConfig, inputs: SelectInputs) -> dict[str, Any]:
+    from tasks.identity import model_identity
+
+    return {"prompts": inputs.prepared.train.sha256, "student_model": model_identity(inputs.student_dir)}
+
+
+def _selection_intact(output: SelectedPrompts) -> bool:
+    try:
+        load_selection(output.manifest)
+    except SelectionError:
+        return False
+    files = [output.train, output.unselected, *output.increments]
+    return all(Path(f.path).exists() and sha256_file(Path(f.path)) == f.sha256 for f in files)
+
+
+STAGE = StageSpec(name="select", version=1, output_type=SelectedPrompts, run=run_select_stage, key_parts=_key_parts,
+                  verify=_selection_intact, describe="selection")
