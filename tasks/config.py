@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from storage.errors import UserError
 
+from tasks.augment.config import MixKDConfig
+from tasks.curate.config import CurateConfig
+from tasks.expand.config import ExpandConfig
 from tasks.gate import GateConfig, GateRule
 from tasks.tracking import TrackingConfig
 
@@ -271,6 +274,22 @@ class TrainConfig(StageConfig):
         return self
 
     @model_validator(mode="after")
+    def _mixkd_settings(self) -> "TrainConfig":
+        if self.mixkd is None:
+            return self
+        if self.fused_head or self.uncertainty_weighting or self.dynamic_teacher != "off":
+            raise ValueError("train.mixkd does not combine with train.fused_head, train.uncertainty_weighting or "
+                             "train.dynamic_teacher; turn those off or set train.mixkd to null")
+        from tasks.augment.loss import MixKDLoss
+
+        try:
+            MixKDLoss(original=self.objective, mixed=self.mixkd.mixed_objective, support=self.support,
+                      temperature=self.temperature, **self.objective_params)
+        except ValueError as exc:
+            raise ValueError(f"train.mixkd.mixed_objective {self.mixkd.mixed_objective!r}: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _objective_is_known(self) -> "TrainConfig":
         """A misspelt objective, a bad mixture or an unknown parameter fails here, before the teacher labels anything."""
         from tasks.objectives import build_objective
@@ -400,6 +419,24 @@ class PipelineConfig(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow by default, local store).")
+    expand: ExpandConfig | None = Field(
+        None, description="Expansion (tasks/expand): the teacher writes new training prompts from the training prompts "
+        "(stage expand, after prepare-data); needs `curate`. None: off (`--set 'expand={}'` turns it on).")
+    curate: CurateConfig | None = Field(
+        None, description="Curation (tasks/curate) of the training prompts (original + expanded) before the teacher labels "
+        "them: dedup, length, repetition, decontamination against the evaluation prompts, teacher self-score; the counts "
+        "per filter go to run.json. None: off (`--set 'curate={}'` turns it on with the defaults).")
+
+    @model_validator(mode="after")
+    def _augmentation(self) -> "PipelineConfig":
+        if self.expand is not None and self.curate is None:
+            raise ValueError("expand needs curate: the teacher's prompts are filtered (and decontaminated against the "
+                             "evaluation prompts) before they are labelled; set curate (e.g. --set 'curate={}')")
+        if self.expand is not None and self.teacher.mode == "score":
+            raise ValueError("expand with teacher.mode=score: expanded prompts have no references to score; use teacher.mode=generate")
+        if (self.expand is not None or self.curate is not None) and self.data.format == "messages":
+            raise ValueError("expand/curate work on prompt and alpaca layouts, not data.format messages; turn them off")
+        return self
     select: SelectConfig = Field(default_factory=SelectConfig, description="Uncertainty-driven selection of the prompts the teacher labels.")
     teachers: list[MemberTeacherConfig] = Field(
         default_factory=list, description="Extra teachers (multi-teacher labels); each scores the main teacher's training responses.")

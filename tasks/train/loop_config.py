@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.augment.flow_stage import MixKDLabels
 from tasks.config import TrainConfig
 from tasks.faults import NO_FAULTS, FaultPlan
 
@@ -21,6 +22,7 @@ class LoopConfig(BaseModel):
     out_dir: str = Field(description="Where the student folder and train_log.jsonl are written.")
     threads_per_worker: int = Field(1, ge=1)
     faults: FaultPlan = NO_FAULTS
+    mixkd: MixKDLabels | None = Field(None, description="The mixkd stage's plan and mixed-input labels (train.mixkd).")
 
     @property
     def log_every(self) -> int:
@@ -28,6 +30,8 @@ class LoopConfig(BaseModel):
 
     @classmethod
     def build(cls, train: TrainConfig, *, student_dir: str, manifest: str, out_dir, threads_per_worker: int = 1,
-              faults: FaultPlan = NO_FAULTS) -> "LoopConfig":
+              faults: FaultPlan = NO_FAULTS, mixkd: MixKDLabels | None = None) -> "LoopConfig":
+        if (train.mixkd is None) != (mixkd is None):
+            raise ValueError("train.mixkd and the mixkd stage's labels go together: pass mixkd= exactly when train.mixkd is set")
         return cls(train=train, student_dir=str(student_dir), manifest=str(manifest), out_dir=str(out_dir),
-                   threads_per_worker=threads_per_worker, faults=faults)
+                   threads_per_worker=threads_per_worker, faults=faults, mixkd=mixkd)

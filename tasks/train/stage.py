@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import UserError
+from tasks.augment.flow_stage import MixKDLabels
 from tasks.config import TrainConfig
 from tasks.contracts import Frozen, TeacherLabels, TrainedStudent
 from tasks.faults import NO_FAULTS, FaultPlan
@@ -58,7 +59,8 @@ def fetch_student(checkpoint, target: Path) -> None:
 
 
 def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, out_dir: Path, log_fn=print,
-                    faults: FaultPlan = NO_FAULTS, ray_address: str | None = None) -> dict[str, Any]:
+                    faults: FaultPlan = NO_FAULTS, ray_address: str | None = None,
+                    mixkd: MixKDLabels | None = None) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -83,7 +85,7 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
     checkpoint_storage(cfg, out_dir)  # refuses an unwritable place before any worker starts
     cpus_per_worker = max(1, int(cpus // cfg.num_workers)) if not cfg.use_gpu else 1
     loop_config = LoopConfig.build(cfg, student_dir=student_dir, manifest=labels_manifest, out_dir=out_dir,
-                                   threads_per_worker=cpus_per_worker, faults=faults)
+                                   threads_per_worker=cpus_per_worker, faults=faults, mixkd=mixkd)
     from tasks.train.loop import train_loop_per_worker
 
     trainer = TorchTrainer(
@@ -111,17 +113,21 @@ class TrainInputs(Frozen):
 
     student_dir: str
     labels: TeacherLabels
+    mixkd: MixKDLabels | None = None  # the mixkd stage's output when train.mixkd is set
 
 
 def run(cfg: TrainConfig, inputs: TrainInputs, ctx: StageContext) -> TrainedStudent:
     """Stage entry point: distil the student on the stored labels into ctx.out_dir."""
     result = run_train_stage(cfg, inputs.student_dir, inputs.labels.train_manifest, ctx.out_dir, log_fn=ctx.log,
-                             faults=ctx.faults, ray_address=ctx.ray_address)
+                             faults=ctx.faults, ray_address=ctx.ray_address, mixkd=inputs.mixkd)
     return TrainedStudent(key=ctx.key, checkpoint=result["checkpoint"], log=result["log"])
 
 
 def _key_parts(cfg: TrainConfig, inputs: TrainInputs) -> dict[str, Any]:
-    return {"labels": inputs.labels.key, "student_model": model_identity(inputs.student_dir)}
+    parts = {"labels": inputs.labels.key, "student_model": model_identity(inputs.student_dir)}
+    if inputs.mixkd is not None:
+        parts["mixkd"] = inputs.mixkd.key
+    return parts
 
 
 def _student_intact(output: TrainedStudent) -> bool:
