@@ -235,6 +235,8 @@ class Console:
         self._lock = threading.RLock()
         self._stack = ExitStack()
         self._restore: list[Callable[[], None]] = []
+        self._last_finish: float | None = None
+        self._log_named = False  # the log's path printed (once it is in the run folder)
 
     # ---- installation -------------------------------------------------------------------------------------------
 
@@ -252,7 +254,6 @@ class Console:
             self._quiet_progress_bars()
         _listeners.append(self._stage_started)
         self._restore.append(lambda: _listeners.remove(self._stage_started))
-        self.say(f"log of this run (everything, vLLM and Ray output included): {self.run_log.path}", stamp=False)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -323,14 +324,19 @@ class Console:
     def _stage_started(self, name: str, run_id: str, run_dir: str | None) -> None:
         with self._lock:
             self._stages[run_id] = {"name": name, "start": time.time(), "reused": False}
-        if run_dir:
-            self.run_log.move_to(Path(run_dir) / RUN_LOG_NAME)
+        if run_dir and not self._log_named and self.run_log.move_to(Path(run_dir) / RUN_LOG_NAME):
+            self._log_named = True
+            self.say(f"log of this run (everything, vLLM and Ray output included): {self.run_log.path}", stamp=False)
         self.say(f"{name:<17} started")
 
     def _stage_finished(self, record: logging.LogRecord) -> None:
         run_id = str(getattr(record, "task_run_id", "") or "")
         with self._lock:
-            info = self._stages.pop(run_id, None) or {"name": getattr(record, "task_name", "task"), "start": None, "reused": False}
+            # A task that finished without calling the hook: the flow runs its tasks one after another, so it began
+            # when the one before it finished.
+            info = self._stages.pop(run_id, None) or {"name": getattr(record, "task_name", "task"), "start": self._last_finish,
+                                                      "reused": False}
+            self._last_finish = record.created
         took = f" in {format_duration(record.created - info['start'])}" if info["start"] else ""
         state = record.getMessage()[len(FINISHED):]
         if state.startswith("Completed"):

@@ -137,7 +137,7 @@ def test_quiet_console_keeps_stage_lines_warnings_and_errors_and_drops_worker_ch
         dispatcher.remove_handler(ray_logs.RAY_PRINTER)
 
     lines = out.getvalue().splitlines()
-    assert lines[0] == f"log of this run (everything, vLLM and Ray output included): {first_log}"
+    assert lines[0] == f"log of this run (everything, vLLM and Ray output included): {run_dir / 'run.log'}"
     assert lines[1].endswith("  teacher-labels    started") and "  teacher-labels    reused in " in lines[-1], lines
     shown = "\n".join(lines)
     assert shown.count("EngineCore died") == 1 and "[TeacherReplica pid=7] ERROR" in shown
@@ -217,6 +217,7 @@ def test_cli_console_is_short_has_no_repeats_and_no_traceback(tiny_student, tmp_
         os.environ.update(saved)
     captured = capsys.readouterr()
     console = (captured.err + captured.out).splitlines()
+    (tmp_path / "console.txt").write_text(captured.err + captured.out)  # for a look after the test
     assert code == 0, captured.err[-3000:]
     run_json = Path(captured.out.strip())
     assert captured.out == f"{run_json}\n" and console[-1] == str(run_json), "stdout is the run.json path alone, the last line"
