@@ -11,7 +11,7 @@ folder (so a run that fails in a later stage keeps its log there too):
 | the flow's and stages' INFO records, Prefect's own | no | yes | unchanged |
 | WARNING and above, any logger | yes, once | yes | unchanged |
 | worker lines (vLLM engines, Ray Train) forwarded by tasks.ray_logs.ray_output_to | no | no: the raw copy is there | unchanged |
-| Ray's driver copy of the worker lines (log_to_driver's printer) | error lines only, once | yes | not sent |
+| Ray's driver copy of the worker lines (log_to_driver's printer) | no | yes | not sent |
 | Ray's driver logger ("ray") | WARNING and above | yes | not sent |
 
 Why every worker line used to appear twice: `ray.init(log_to_driver=True)` registers a printer on Ray's log
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -79,14 +78,13 @@ def notify_stage_started(name: str, run_id: str, run_dir: str | None = None) -> 
 # What reaches the console
 
 
-WORKER_ERROR = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|Traceback \(most recent call last\)|^\S*(Error|Exception): ")
 FINISHED = "Finished in state "
 REUSED = ": reusing finished "  # tasks.stage_cache.run_cached's line for a stage taken from the cache
 
 
 def console_keeps(record: logging.LogRecord) -> bool:
     """Whether a log record is printed on the quiet console: warnings and errors, never a forwarded worker line
-    (its raw copy goes through `worker_line_on_console`) nor Prefect's "Finished in state" (a stage line instead)."""
+    (the run log has its raw copy) nor Prefect's "Finished in state" (a stage line instead)."""
     from tasks.ray_logs import is_forwarded
 
     if is_forwarded():
@@ -94,11 +92,6 @@ def console_keeps(record: logging.LogRecord) -> bool:
     if record.getMessage().startswith(FINISHED) and record.name in ("prefect.task_runs", "prefect.flow_runs"):
         return False
     return record.levelno >= logging.WARNING
-
-
-def worker_line_on_console(line: str) -> bool:
-    """Whether a raw worker line (vLLM, Ray Train, ...) is printed on the quiet console: only errors."""
-    return bool(WORKER_ERROR.search(line.split("] ", 1)[-1]))
 
 
 def format_duration(seconds: float) -> str:
@@ -374,13 +367,10 @@ class Console:
         self.say(text, stamp=False, echo=True)
 
     def _worker_batch(self, data: dict) -> None:
-        """Ray's driver copy of a worker batch (in place of Ray's printer): errors to the console; the run log has
-        every line from ray_output_to already."""
-        from tasks.ray_logs import format_batch
-
-        for line in format_batch(data):
-            if worker_line_on_console(line):
-                self.say(line, stamp=False, echo=True)
+        """In place of Ray's driver printer: nothing on the console. The run log has every worker line (through
+        ray_output_to), and a worker's failure reaches the console as the driver's exception (an ERROR record).
+        Worker-side errors alone are not a failure: under load Ray Train's controller logs tracebacks of timeouts it
+        retries ("safe to ignore"), and vLLM logs errors when its engine is stopped."""
 
     # ---- the end ----------------------------------------------------------------------------------------------------
 
