@@ -168,6 +168,9 @@ def main(argv=None) -> int:
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 10x slower)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--family", choices=("objectives", "dynamic"), default="objectives",
+                        help="dynamic: the Dynamic KD / multi-teacher rows (flows/compare_dynamic.py) on the first task, "
+                        "merged into methods.json under 'dynamic'")
     args = parser.parse_args(argv)
 
     from flows.cli import configure_runtime
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir or default_data_dir()).resolve()
     configure_runtime(str(data_dir))
+    if args.family == "dynamic":
+        return dynamic_family(args, data_dir, argv)
     setups = {t: prepare_task(data_dir, t, args) for t in args.tasks}
     import ray
 
@@ -223,6 +228,25 @@ def main(argv=None) -> int:
                                                          "learning_rate": lr, "runs": runs}
             write_results(results, Path(args.out))  # after every row: an interrupted run leaves a partial table
     print(render_table(results))
+    return 0
+
+
+def dynamic_family(args, data_dir: Path, argv=None) -> int:
+    """The Dynamic KD / multi-teacher rows, merged into methods.json (key 'dynamic') without touching other rows."""
+    from flows.compare_dynamic import render, run_dynamic_family
+    from tasks.identity import code_version
+
+    entry = run_dynamic_family(args, data_dir)
+    entry.update(command="python -m flows.compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                 commit=code_version()[:7], date=time.strftime("%Y-%m-%d"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "methods.json"
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing["dynamic"] = entry
+    path.write_text(json.dumps(existing, indent=2) + "\n")
+    (out / "methods_dynamic_table.md").write_text(render(entry))
+    print(render(entry))
     return 0
 
 

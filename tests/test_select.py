@@ -139,8 +139,10 @@ def test_selection_with_vllm_labels_only_the_chosen_prompts(ray_local, tiny_stud
         filtered = filter_prompts(path, sel, tmp_path / "selected.parquet")
         meta = {"k": 8, "tokenizer_hash": "tiny", "teacher_key": "test", "codec": "compact-v1"}
         sampling = dict(temperature=1.0, top_p=1.0, max_new_tokens=6, n=1, seed=0)
-        labels, _ = ray.get(actor.capture.remote(pq.read_table(filtered["path"]).to_pylist(), str(tmp_path / "labels"),
-                                                 "train", meta, 2, sampling))
+        from tasks.teacher.stage import capture_on_replicas
+
+        labels, _, _ = capture_on_replicas([actor], pq.read_table(filtered["path"]).to_pylist(), tmp_path / "labels",
+                                           split="train", metadata=meta, shard_rows=2, sampling=sampling)
         assert {r["example_id"] for r in soft_labels.read(labels)} == chosen
     finally:
         ray.kill(actor)

@@ -12,7 +12,8 @@ member teacher-forces the main teacher's sampled responses (the capture's score 
   hard-linked (copied where links fail) inside the new folder, and `metadata.pair` naming them; the training loop
   reads both in lockstep (`attach_pair`).
 
-Member captures live under `<stage folder>/members/<i>/train` (finished shards are reused on a retry). The stage's
+Member captures live under `<cache>/ensemble/members/<member key>/train`, keyed by the main labels, the member
+model and its settings, so a retry or another mode/weighting reuses them (finished shards are kept). The stage's
 output is a `TeacherLabels` whose train manifest is the combined set and whose eval manifest is the main teacher's.
 """
 
@@ -207,9 +208,13 @@ def run_ensemble_stage(cfg: EnsembleStageConfig, inputs: EnsembleInputs, ctx: St
     main = inputs.labels.train_manifest
     prompts, main_meta = scored_prompts(main)
     members = []
-    for i, (member, folder) in enumerate(zip(cfg.members, inputs.member_dirs)):
-        members.append(str(capture_member(member_config(cfg.main, member), folder, prompts, main_meta,
-                                          ctx.out_dir / "members" / str(i + 1) / "train", ctx.log)))
+    for member, folder in zip(cfg.members, inputs.member_dirs):
+        member_cfg = member_config(cfg.main, member)
+        # Keyed by what the capture depends on, beside the stage folders: another mode or weight reuses it.
+        key = sha256_json({"labels": inputs.labels.key, "model": model_identity(folder),
+                           "config": member_cfg.model_dump(mode="json", exclude=set(TeacherConfig.output_neutral_fields))})[:16]
+        members.append(str(capture_member(member_cfg, folder, prompts, main_meta,
+                                          ctx.out_dir.parent / "members" / key / "train", ctx.log)))
     out = ctx.out_dir / "train"
     if cfg.pair:
         manifest = write_pair(main, members[0], out)
