@@ -227,6 +227,10 @@ class TrainConfig(StageConfig):
         "padded row per sequence. Same sequences per step and the same loss as padding; fewer pad tokens. The train "
         "log reports padding_waste either way.",
     )
+    packing_max_tokens: int | None = Field(
+        None, ge=1, description="With train.packing: tokens per packed row (a longer sequence gets a row of its own). "
+        "None: the longest sequence of the micro-batch, so rows are never longer than padded ones.",
+    )
     uncertainty_weighting: bool = Field(
         False, description="Dynamic KD's per-example weights (tasks/objectives/weighting.py): the objective's teacher terms "
         "weighted by the student's normalised entropy (no gradient); target terms (ce) unweighted. Not with fused_head.",

@@ -9,6 +9,7 @@ other positions are masked out. ``num_pad_tokens`` counts the pad tokens (paddin
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -43,9 +44,10 @@ def collate(records: list[dict[str, Any]], pad_id: int, k: int) -> dict[str, tor
             "num_pad_tokens": torch.tensor(batch * length - sum(lengths))}
 
 
-def make_collate(packing: bool) -> Callable[[list[dict[str, Any]], int, int], dict[str, torch.Tensor]]:
-    """``collate`` (one padded row per sequence) or ``packing.collate_packed`` (several sequences per row)."""
-    return collate_packed if packing else collate
+def make_collate(packing: bool, max_tokens: int | None = None) -> Callable[[list[dict[str, Any]], int, int], dict[str, torch.Tensor]]:
+    """``collate`` (one padded row per sequence) or ``packing.collate_packed`` (several sequences per row, at most
+    ``max_tokens`` each; None: the longest sequence)."""
+    return functools.partial(collate_packed, max_tokens=max_tokens) if packing else collate
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
