@@ -59,9 +59,31 @@ def open_stream(config: LoopConfig, rank: int, world: int, tokenizer_hash: str, 
     return stream, int(manifest["metadata"]["k"])
 
 
-def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime) -> tuple[float, dict[str, float]]:
-    """Forward/backward over micro-batches; returns the step's global loss and its parts."""
+# logits_to_keep for the fused head: keep none (the loss reads hidden states and the lm-head weight instead)
+_NO_LOGITS = torch.empty(0, dtype=torch.long)
+
+
+def student_loss(model, objective, mb: dict[str, torch.Tensor], num_valid_tokens, fused=None) -> torch.Tensor:
+    """The student's forward and the objective on one micro-batch (padded or packed: batches.model_inputs).
+    With ``fused`` (a FusedHead) no logits are built: the loss is computed from the final hidden states
+    and the lm-head weight in vocabulary blocks; same value and gradients."""
     from tasks.objectives import SparseLabels
+    from tasks.train.batches import model_inputs
+
+    labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
+    if fused is None:
+        logits = model(**model_inputs(mb)).logits[:, :-1]
+        return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+    out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=_NO_LOGITS.to(mb["input_ids"].device))
+    core = model.module if hasattr(model, "module") else model  # DDP
+    weight = core.get_output_embeddings().weight
+    return fused.loss(out.hidden_states[-1][:, :-1], weight, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+
+
+def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
+                         fused=None) -> tuple[float, dict[str, float]]:
+    """Forward/backward over micro-batches; returns the step's global loss and its parts.
+    ``fused``: a FusedHead over ``objective`` (train.fused_head), or None for the logits path."""
 
     local_tokens = sum(mb["mask"].sum() for mb in micro_batches).float()
     global_tokens = runtime.all_reduce_sum(local_tokens)
@@ -74,9 +96,7 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
             model.set_requires_gradient_sync(sync)
         skip_sync = not sync and hasattr(model, "no_sync")  # DDP
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
-            labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
-            loss = objective(logits, labels, mb["mask"], num_valid_tokens=per_rank_count)
+            loss = student_loss(model, objective, mb, per_rank_count, fused)
             loss.backward()
         loss_total += float(loss.detach())
         for name, value in objective.last_parts.items():
@@ -89,9 +109,11 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
 def train(config: LoopConfig, runtime: Runtime) -> None:
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import build_objective
-    from tasks.train.batches import collate
+    from tasks.objectives.fused_head import FusedHead, check_plain_head
+    from tasks.train.batches import make_collate
     from tasks.train.checkpoint import load_checkpoint, save_checkpoint
     from tasks.train.fsdp import gather_full_state, is_sharded
+    from tasks.train.packing import padding_waste
     from tasks.train.stream import Position
 
     rank, world, device = runtime.rank, runtime.world, runtime.device
@@ -114,6 +136,10 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
     model = runtime.prepare_model(model.to(device), strategy=cfg.strategy)
     sharded = is_sharded(model)
     objective = build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
+    if cfg.fused_head:
+        check_plain_head(model.module if hasattr(model, "module") else model)  # refuses heads the fused path would change
+    fused = FusedHead(objective) if cfg.fused_head else None
+    collate = make_collate(cfg.packing, cfg.packing_max_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
 
@@ -149,7 +175,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
         micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
-        loss, parts = accumulate_gradients(model, objective, micro, runtime)
+        loss, parts = accumulate_gradients(model, objective, micro, runtime, fused)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
@@ -160,7 +186,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
             elapsed = time.time() - start
             done = step + 1 - start_step
             entry = {"step": step + 1, "loss": loss, **{f"loss_{n}": v for n, v in parts.items()}, "lr": sched.get_last_lr()[0],
-                     "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
+                     "grad_norm": float(grad_norm), "padding_waste": round(padding_waste(micro), 4), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
                      "eta_s": round(elapsed / done * (cfg.steps - step - 1), 1)}
             with log_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
