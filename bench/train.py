@@ -15,7 +15,9 @@ Memory: ``peak_mem_gib`` is the process peak (CUDA: max_memory_allocated; CPU: p
 RSS, which includes ~1 GiB of torch/transformers code and buffers); ``train_mem_gib``
 is the peak during the measured steps above the memory held before the first step
 (model weights): gradients, optimizer state, activations, logits. The memory ratios use
-``train_mem_gib``. On CPU glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so
+``train_mem_gib``. On CPU each mode also reports process CPU seconds per step (and useful
+tokens per CPU second): on a shared, loaded machine wall-clock rates swing with other
+jobs, CPU time much less. On CPU glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so
 freed large buffers leave the RSS and it tracks live memory. MFU (GPU only) counts
 6 x params x useful tokens/s (+ 2 x teacher params for online KD), attention excluded.
 
@@ -179,16 +181,18 @@ def run_mode(mode: str, p: dict, objective_name: str) -> list[dict]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = {name: [] for name in runs}
+    cpu_times = {name: [] for name in runs}  # process CPU seconds: the work done, less sensitive to a shared machine's load
     with contextlib.nullcontext() if cuda else _PeakRss() as rss:
         for _ in range(p["steps"]):
             for name, run in runs.items():  # modes of one process alternate step by step
                 if cuda:
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step_once(*run[:3])
                 if cuda:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
     params = sum(x.numel() for x in student.parameters())
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -200,6 +204,10 @@ def run_mode(mode: str, p: dict, objective_name: str) -> list[dict]:
         out = {"mode": name, "tokens_per_s": round(tokens / step_s, 1), "useful_tokens_per_s": round(useful / step_s, 1),
                "step_s": round(step_s, 4), "student_params": params, "rows": rows, "padding_waste": round(1 - useful / tokens, 4) if name in VARIED else 0.0,
                "train_mem_gib": round((peak - base) / 2**30, 3)}
+        if not cuda:
+            cpu_s = statistics.median(cpu_times[name])
+            out["cpu_s_per_step"] = round(cpu_s, 4)
+            out["useful_tokens_per_cpu_s"] = round(useful / cpu_s, 1)
         if cuda:
             out["peak_mem_gib"] = round(peak / 2**30, 3)
             # Training FLOPs ~ 6 N useful tokens (+ 2 N_teacher tokens for the online teacher forward).
@@ -273,6 +281,8 @@ def main() -> None:
         "kd_fused_vs_ce_fused_tokens_per_s_ratio": ratio("kd_fused", "ce_fused"),
         "kd_fused_vs_kd_tokens_per_s_ratio": ratio("kd_fused", "kd_offline"),
         "packed_vs_padded_useful_tokens_per_s": ratio("kd_fused_packed", "kd_fused_padded", "useful_tokens_per_s"),
+        "packed_vs_padded_useful_tokens_per_cpu_s": ratio("kd_fused_packed", "kd_fused_padded", "useful_tokens_per_cpu_s")
+        if "useful_tokens_per_cpu_s" in results.get("kd_fused_packed", {}) else None,
         "padding_waste": {m: results[m]["padding_waste"] for m in VARIED if m in results},
         "step_s": "median over the measured steps",
         "mfu_h100_bf16": {m: r["mfu_h100_bf16"] for m, r in results.items() if "mfu_h100_bf16" in r} or None,
