@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+
 METHODS = ("ce", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "akl", "akl+ce")
 RKL_FAMILY = ("rkl", "skew_rkl", "akl")
 INIT_METHODS = ("fkl", "rkl", "akl")
@@ -73,6 +74,62 @@ def scores(model_dir: str, prompts: list[dict], eval_manifest: str, max_new_toke
     return {k: round(v, 4) for k, v in out.items()}
 
 
+@torch.no_grad()
+def hf_labels(teacher_dir: str, prompts_path: str, out_dir: Path, *, split: str, k: int, temperature: float, seed: int,
+              max_new_tokens: int, log=print) -> str:
+    """Teacher labels in the soft-label format from HF transformers in this process (`--labels hf`).
+
+    The same content as the teacher stage's vLLM capture (sampled or greedy response, then the teacher's top-k
+    log-probabilities, realised-token log-probability and tail mass at every response position, temperature 1),
+    for machines where vLLM in a Ray actor cannot get CPU time. Reused when the manifest exists.
+    """
+    from storage import soft_labels
+    from storage.atomic import sha256_json
+    from tasks.data import read_prompts
+    from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
+    from tasks.teacher.capture import sample_id
+    from tasks.teacher.extract import tail_logmass
+
+    tok = load_tokenizer(teacher_dir)
+    meta = {"schema_version": soft_labels.SCHEMA_VERSION, "codec": "compact-v1", "k": k, "split": split, "mode": "generate",
+            "response_source": "teacher_sample", "teacher_model": teacher_dir, "tokenizer_hash": tokenizer_hash(tok),
+            "vocab_size": len(tok), "logprobs_mode": "raw_logprobs", "labeller": "transformers (flows.compare --labels hf)",
+            "sampling": {"temperature": temperature, "top_p": 1.0, "n": 1, "max_new_tokens": max_new_tokens, "seed": seed}}
+    meta["teacher_key"] = sha256_json({f: meta[f] for f in ("teacher_model", "tokenizer_hash", "k", "sampling", "labeller")})[:16]
+    if (out_dir / "manifest.json").exists():
+        return str(out_dir / "manifest.json")
+    model = load_causal_lm(teacher_dir).eval()
+    prompts = read_prompts(prompts_path)
+    torch.manual_seed(seed)
+    rows = []
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start : start + 64]
+        width = max(len(p["prompt_ids"]) for p in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p["prompt_ids"]) :] = torch.tensor(p["prompt_ids"])
+            attn[i, width - len(p["prompt_ids"]) :] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **sampling)[:, width:].tolist()
+        for p, generated in zip(chunk, out):
+            response = generated[: generated.index(tok.eos_token_id) + 1] if tok.eos_token_id in generated else generated
+            response = response or [tok.eos_token_id]
+            seq = torch.tensor([list(p["prompt_ids"]) + response])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0, len(p["prompt_ids"]) - 1 : -1].double(), -1)
+            top = logp.topk(k, -1)
+            rows.append({"sample_id": sample_id(p["prompt_ids"], response, "teacher_sample", meta["teacher_key"]),
+                         "example_id": p["example_id"], "split": split, "response_source": "teacher_sample",
+                         "prompt_ids": list(p["prompt_ids"]), "response_ids": response,
+                         "topk_ids": top.indices.numpy(), "topk_logprobs": top.values.float().numpy(),
+                         "token_logprob": logp.gather(1, torch.tensor(response)[:, None])[:, 0].float().numpy(),
+                         "tail_logmass": tail_logmass(top.values.numpy()).astype("float32")})
+        log(f"compare: {split} labels {len(rows)}/{len(prompts)}")
+    records = [soft_labels.write_shard(out_dir, i, rows[j : j + 2048], meta) for i, j in enumerate(range(0, len(rows), 2048))]
+    return str(soft_labels.write_manifest(out_dir, records, meta))
+
+
 def prepare_task(data_dir: Path, task_name: str, args, log=print) -> dict:
     """Demo assets, prompt shards and teacher labels of one task family (built once, reused)."""
     from tasks import prepare
@@ -90,7 +147,19 @@ def prepare_task(data_dir: Path, task_name: str, args, log=print) -> dict:
                               log_fn=log, task_name=task_name)
     root = data_dir / "compare" / task_name
     prepared = prepare.run(config, root / "prepare", log=log)
-    labels = run_teacher_stage(config.teacher, prepared, StageContext(out_dir=root / "labels", key=f"compare-{task_name}", log=log))
+    if args.labels == "hf":
+        from storage.atomic import sha256_json
+        from tasks.contracts import TeacherLabels
+
+        t = config.teacher
+        where = root / f"labels-hf-{sha256_json([prepared.key, prepared.teacher_hash, t.top_k, t.temperature])[:12]}"
+        common = dict(k=t.top_k, max_new_tokens=t.max_new_tokens, seed=t.engine.seed, log=log)
+        labels = TeacherLabels(key=where.name, train_manifest=hf_labels(prepared.teacher_dir, prepared.train.path, where / "train",
+                                                                        split=prepared.train_split, temperature=t.temperature, **common),
+                               eval_manifest=hf_labels(prepared.teacher_dir, prepared.eval.path, where / "eval",
+                                                       split=prepared.eval_split, temperature=0.0, **common))
+    else:
+        labels = run_teacher_stage(config.teacher, prepared, StageContext(out_dir=root / "labels", key=f"compare-{task_name}", log=log))
     return {"config": config, "prepared": prepared, "labels": labels, "demo": demo, "root": root}
 
 
@@ -166,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=None, help="demo teacher steps (default: data.demo_teacher_steps)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine two threads ran 10x slower)")
+    parser.add_argument("--labels", choices=("vllm", "hf"), default="vllm",
+                        help="teacher labels from the teacher stage (vLLM in Ray actors) or from transformers in this "
+                             "process (same format and content; for machines where the Ray actors get no CPU time)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--family", choices=("objectives", "dynamic"), default="objectives",
@@ -267,8 +339,16 @@ def run_name(method: str, init: str, lr: float, default_lr: float) -> str:
 
 
 def write_results(results: dict, out: Path) -> None:
+    """methods.json keeps the entries other comparison families merged into it (e.g. 'dynamic'); ours are replaced."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "methods.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = out / "methods.json"
+    kept = {}
+    if path.exists():
+        try:
+            kept = {k: v for k, v in json.loads(path.read_text()).items() if k not in results and k != "methods"}
+        except ValueError:
+            kept = {}
+    path.write_text(json.dumps({**results, **kept}, indent=2) + "\n")
     (out / "methods_table.md").write_text(render_table(results))
 
 
