@@ -49,14 +49,65 @@ def open_stream(config: LoopConfig, rank: int, world: int, tokenizer_hash: str, 
             "teacher and student must share a tokenizer"
         )
 
+    # Shards flagged `teacher_labels: false` hold reference rows without teacher labels (lazy labelling,
+    # storage/FORMAT.md): their rows train with cross-entropy only (objectives.weighting.TeacherMasked).
+    no_teacher = {i for i, s in enumerate(manifest["shards"]) if s.get("teacher_labels") is False}
+    pair = paired_manifest(config, manifest)
+
     def read_shard(index: int) -> list[dict[str, Any]]:
-        return list(soft_labels.read(config.manifest, expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
+        rows = list(soft_labels.read(config.manifest, expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size,
                                      shards=[index]))
+        if no_teacher:
+            for r in rows:
+                r["teacher_labels"] = index not in no_teacher
+        if pair is not None:
+            from tasks.teacher.ensemble import attach_pair
+
+            small = soft_labels.read(pair, expected_tokenizer_hash=tokenizer_hash, vocab_size=vocab_size, shards=[index])
+            attach_pair(rows, small, where=f"{config.manifest} shard {index} / {pair}")
+        return rows
+
 
     stream = ShardStream([s["rows"] for s in manifest["shards"]], read_shard, rank=rank, world=world,
                          batch_size=config.train.batch_size // world, seed=config.train.seed,
                          bucket_by_length=config.train.length_bucketing)
     return stream, int(manifest["metadata"]["k"])
+
+
+def paired_manifest(config: LoopConfig, manifest: dict[str, Any]) -> str | None:
+    """train.dynamic_teacher: the small teacher's label set stored with the main one (metadata `pair`), else None."""
+    from storage import soft_labels
+
+    if config.train.dynamic_teacher == "off":
+        return None
+    pair = manifest["metadata"].get("pair")
+    if not pair:
+        raise soft_labels.SoftLabelError(
+            f"{config.manifest}: train.dynamic_teacher={config.train.dynamic_teacher} needs a paired label set (metadata "
+            "field pair, written by the multi-teacher stage with one `teachers:` entry); set train.dynamic_teacher=off")
+    path = f"{manifest['_dir'].rstrip('/')}/{pair['manifest']}"
+    small = soft_labels.load_manifest(path)
+    if [s["rows"] for s in small["shards"]] != [s["rows"] for s in manifest["shards"]]:
+        raise soft_labels.SoftLabelError(f"{path}: its shards do not hold the same rows as {config.manifest}; "
+                                         "rerun the multi-teacher stage")
+    return path
+
+
+def build_loss(cfg, manifest_has_no_teacher_rows: bool):
+    """The configured objective, wrapped as the settings ask: uncertainty weights (train.uncertainty_weighting),
+    two teachers (train.dynamic_teacher), cross-entropy on rows without teacher labels (lazy labelling)."""
+    from tasks.objectives import build_objective
+    from tasks.objectives.weighting import DynamicTeacher, TeacherMasked, UncertaintyWeighted
+
+    objective = build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
+    if (cfg.dynamic_teacher != "off" or manifest_has_no_teacher_rows) and (cfg.packing or cfg.fused_head):
+        raise ValueError("train.packing and train.fused_head do not support train.dynamic_teacher or label sets with "
+                         "rows without teacher labels; set them false")
+    if cfg.uncertainty_weighting:
+        objective = UncertaintyWeighted(objective)
+    if cfg.dynamic_teacher != "off":
+        return DynamicTeacher(objective, cfg.dynamic_teacher)
+    return TeacherMasked(objective) if manifest_has_no_teacher_rows else objective
 
 
 # logits_to_keep for the fused head: keep none (the loss reads hidden states and the lm-head weight instead)
@@ -73,11 +124,36 @@ def student_loss(model, objective, mb: dict[str, torch.Tensor], num_valid_tokens
     labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
     if fused is None:
         logits = model(**model_inputs(mb)).logits[:, :-1]
+        if "small_ids" in mb:  # train.dynamic_teacher: the small teacher's labels of the same tokens (DynamicTeacher)
+            small = SparseLabels(ids=mb["small_ids"], logprobs=mb["small_logprobs"], tail_logmass=mb["small_tail_logmass"],
+                                 target_ids=mb["target_ids"])
+            return objective(logits, small, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+        if "kd_rows" in mb:  # rows without teacher labels: cross-entropy only (TeacherMasked)
+            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, kd_rows=mb["kd_rows"])
         return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
     out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=_NO_LOGITS.to(mb["input_ids"].device))
     core = model.module if hasattr(model, "module") else model  # DDP
     weight = core.get_output_embeddings().weight
     return fused.loss(out.hidden_states[-1][:, :-1], weight, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+
+
+def stream_has_no_teacher_rows(config: LoopConfig) -> bool:
+    from storage import soft_labels
+
+    return any(s.get("teacher_labels") is False for s in soft_labels.load_manifest(config.manifest)["shards"])
+
+
+def with_label_extras(mb: dict[str, torch.Tensor], records: list[dict[str, Any]], pad_id: int, k: int) -> dict[str, torch.Tensor]:
+    """Add what the lazy-labelling and dynamic-teacher losses read: kd_rows [B] (rows with teacher labels) and the
+    small teacher's labels (small_ids, small_logprobs, small_tail_logmass), both in the padded layout."""
+    from tasks.train.batches import collate as padded
+
+    if records and "teacher_labels" in records[0]:
+        mb["kd_rows"] = torch.tensor([bool(r["teacher_labels"]) for r in records])
+    if records and "small" in records[0]:
+        small = padded([{**r, **r["small"]} for r in records], pad_id, k)
+        mb.update(small_ids=small["ids"], small_logprobs=small["logprobs"], small_tail_logmass=small["tail_logmass"])
+    return mb
 
 
 def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
@@ -108,7 +184,6 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
 
 def train(config: LoopConfig, runtime: Runtime) -> None:
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
-    from tasks.objectives import build_objective
     from tasks.objectives.fused_head import FusedHead, check_plain_head
     from tasks.train.batches import make_collate
     from tasks.train.checkpoint import load_checkpoint, save_checkpoint
@@ -135,7 +210,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
             print(f"train: LoRA rank {cfg.lora.rank}, {trainable_fraction(model):.2%} of the weights trainable", flush=True)
     model = runtime.prepare_model(model.to(device), strategy=cfg.strategy)
     sharded = is_sharded(model)
-    objective = build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
+    objective = build_loss(cfg, stream_has_no_teacher_rows(config))
     if cfg.fused_head:
         check_plain_head(model.module if hasattr(model, "module") else model)  # refuses heads the fused path would change
     fused = FusedHead(objective) if cfg.fused_head else None
@@ -172,7 +247,8 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
         if config.faults.step_pause_s:
             time.sleep(config.faults.step_pause_s)  # tests only: widen the window for a kill
         _, batch = next(batches)
-        micro = [collate(batch[i::accum], tokenizer.pad_token_id, k) for i in range(min(accum, len(batch)))]
+        micro = [with_label_extras(collate(batch[i::accum], tokenizer.pad_token_id, k), batch[i::accum], tokenizer.pad_token_id, k)
+                 for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
         loss, parts = accumulate_gradients(model, objective, micro, runtime, fused)
