@@ -435,3 +435,22 @@ def test_multi_teacher_stage_merges_exactly_and_routes_by_column(ray_local, tiny
     pair = run_cached(ensemble.STAGE, cfg.model_copy(update={"pair": True}), inputs, cache_root=cache, log=quiet)
     pmeta = soft_labels.load_manifest(pair.train_manifest)["metadata"]
     assert pmeta["pair"]["manifest"] == "small/manifest.json" and pmeta["pair"]["source"] == member_manifest
+
+
+def test_members_must_share_the_students_tokenizer_checked_before_compute(tmp_path, tiny_student):
+    from transformers import LlamaForCausalLM
+
+    from tasks.config import PipelineConfig
+    from tasks.demo.models import llama_config, train_tokenizer
+    from tasks.models import save_pretrained_atomic
+    from tasks.teacher.ensemble import EnsembleError, check_members
+
+    prepared = _tiny_prepared(tmp_path, tiny_student, n_train=2)
+    other_tok = train_tokenizer(["completely different text", "another corpus entirely"], tmp_path / "tok", vocab_size=300)
+    other = tmp_path / "other"
+    save_pretrained_atomic(LlamaForCausalLM(llama_config(other_tok, hidden=64, layers=1, heads=1)), other_tok, other)
+    same = PipelineConfig.model_validate({"data_dir": str(tmp_path), "teachers": [{"model": tiny_student}]})
+    assert check_members(same, prepared, log=lambda _: None) == [str(Path(tiny_student).resolve())]
+    bad = PipelineConfig.model_validate({"data_dir": str(tmp_path), "teachers": [{"model": tiny_student}, {"model": str(other)}]})
+    with pytest.raises(EnsembleError, match=r"teachers\[1\]\.model .* differs from the student's"):
+        check_members(bad, prepared, log=lambda _: None)
