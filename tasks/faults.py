@@ -19,6 +19,23 @@ class FaultPlan(BaseModel):
     kill_marker: str | None = Field(None, description="File created at the kill, so a restarted worker is not killed again.")
     shard_pause_s: float = Field(0.0, ge=0, description="Sleep after each teacher shard (widens the window for a kill).")
     step_pause_s: float = Field(0.0, ge=0, description="Sleep before each training step (widens the window for a kill).")
+    kill_onpolicy_round: int | None = Field(None, ge=0, description="On-policy stage: SIGKILL the stage process in this round (once).")
+    kill_onpolicy_phase: str = Field("start", pattern="^(start|rollouts|scoring)$",
+                                     description="Where in that round: start (a round boundary), after the rollouts, after scoring.")
+
+    def kill_round_now(self, round_index: int, phase: str) -> bool:
+        """True once: at `kill_onpolicy_round` / `kill_onpolicy_phase`, unless the marker says it already happened."""
+        from pathlib import Path
+
+        if self.kill_onpolicy_round != round_index or self.kill_onpolicy_phase != phase:
+            return False
+        if self.kill_marker is None:
+            return True
+        marker = Path(self.kill_marker)
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
 
     def kill_now(self, step: int, rank: int) -> bool:
         """True once: on rank 0 at `kill_train_at_step`, unless the marker says it already happened."""
