@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from flows import compare_limited
+
 
 METHODS = ("ce", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "akl", "akl+ce")
 RKL_FAMILY = ("rkl", "skew_rkl", "akl")
@@ -240,10 +242,14 @@ def main(argv=None) -> int:
                              "process (same format and content; for machines where the Ray actors get no CPU time)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--family", choices=("objectives", "dynamic"), default="objectives",
+    parser.add_argument("--family", choices=("objectives", "dynamic", "limited"), default="objectives",
                         help="dynamic: the Dynamic KD / multi-teacher rows (flows/compare_dynamic.py) on the first task, "
-                        "merged into methods.json under 'dynamic'")
+                        "merged into methods.json under 'dynamic'; limited: issue 17's limited-data rows (ce, fkl, mixkd, "
+                        "fkl on expanded+curated prompts; flows/compare_limited.py), merged under 'limited_data'")
+    compare_limited.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.family == "limited":
+        return compare_limited.run(args, sys.argv[1:] if argv is None else argv)
 
     from flows.cli import configure_runtime
     from tasks.config import default_data_dir

@@ -67,7 +67,6 @@ def open_stream(config: LoopConfig, rank: int, world: int, tokenizer_hash: str, 
             attach_pair(rows, small, where=f"{config.manifest} shard {index} / {pair}")
         return rows
 
-
     stream = ShardStream([s["rows"] for s in manifest["shards"]], read_shard, rank=rank, world=world,
                          batch_size=config.train.batch_size // world, seed=config.train.seed,
                          bucket_by_length=config.train.length_bucketing)
@@ -157,14 +156,18 @@ def with_label_extras(mb: dict[str, torch.Tensor], records: list[dict[str, Any]]
 
 
 def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
-                         fused=None) -> tuple[float, dict[str, float]]:
+                         fused=None, mixed=None) -> tuple[float, dict[str, float]]:
     """Forward/backward over micro-batches; returns the step's global loss and its parts.
-    ``fused``: a FusedHead over ``objective`` (train.fused_head), or None for the logits path."""
+    ``fused``: a FusedHead over ``objective`` (train.fused_head), or None for the logits path.
+    ``mixed``: MixKD (train.mixkd): ``objective`` is a tasks.augment.training.MixKDStep and mixed[i] the
+    mixed pairs of micro-batch i, normalised by their own global token count."""
 
     local_tokens = sum(mb["mask"].sum() for mb in micro_batches).float()
     global_tokens = runtime.all_reduce_sum(local_tokens)
     # DDP averages gradients over ranks, so each rank scales by world to get sum / global count.
     per_rank_count = global_tokens / runtime.world
+    if mixed is not None:
+        mix_count = runtime.all_reduce_sum(objective.tokens(mixed)) / runtime.world
     loss_total, parts_total = 0.0, {}
     for i, mb in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
@@ -172,7 +175,10 @@ def accumulate_gradients(model, objective, micro_batches: list[dict[str, torch.T
             model.set_requires_gradient_sync(sync)
         skip_sync = not sync and hasattr(model, "no_sync")  # DDP
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss = student_loss(model, objective, mb, per_rank_count, fused)
+            if mixed is None:
+                loss = student_loss(model, objective, mb, per_rank_count, fused)
+            else:
+                loss = objective(model, mb, mixed[i], per_rank_count, mix_count)
             loss.backward()
         loss_total += float(loss.detach())
         for name, value in objective.last_parts.items():
@@ -214,6 +220,12 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
     if cfg.fused_head:
         check_plain_head(model.module if hasattr(model, "module") else model)  # refuses heads the fused path would change
     fused = FusedHead(objective) if cfg.fused_head else None
+    mixkd = None
+    if cfg.mixkd is not None:  # MixKD: the plan's mixed pairs of each step and the three-term loss (tasks/augment/training.py)
+        from tasks.augment.training import MixKDStep
+
+        mixkd = MixKDStep.open(cfg, config.mixkd, rank=rank, world=world, pad_id=tokenizer.pad_token_id,
+                               tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=len(tokenizer))
     collate = make_collate(cfg.packing, cfg.packing_max_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
@@ -251,7 +263,8 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
                  for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
-        loss, parts = accumulate_gradients(model, objective, micro, runtime, fused)
+        mixed = mixkd.micro_batches(step, len(micro), device) if mixkd else None
+        loss, parts = accumulate_gradients(model, mixkd or objective, micro, runtime, fused, mixed)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
