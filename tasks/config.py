@@ -80,6 +80,7 @@ class DataConfig(StageConfig):
         False, description="Format prompts with the tokenizer's chat template (instruct models); format messages always uses it.")
     demo_seed: int = Field(0, description="Seed of the generated demo task.")
     demo_teacher_steps: int = Field(1500, ge=1, description="Training steps of the demo teacher (built once, then reused).")
+    demo_base_steps: int = Field(300, ge=1, description="Language-model pre-training steps of the demo's base student (built once, then reused).")
     demo_task: Literal["qa", "transform", "classify", "mix"] = Field(
         "qa", description="Built-in task family (data.source 'demo'): qa (arithmetic, opposites, colours...), transform "
         "(uppercase, plurals, word order), classify (sentiment/topic labels as words), or mix (all three: multi-task). "

@@ -35,7 +35,7 @@ def resolve_models(config: PipelineConfig, log: Callable[[str], None]) -> tuple[
 
     if source == "demo" or config.teacher.model == "demo" or config.train.student in DEMO_STUDENTS:
         demo = ensure_demo_assets(Path(config.data_dir), seed=config.data.demo_seed, teacher_steps=config.data.demo_teacher_steps,
-                                  log_fn=log, task_name=config.data.demo_task)
+                                  log_fn=log, task_name=config.data.demo_task, base_steps=config.data.demo_base_steps)
         if source == "demo":
             source = demo["dataset"]
     teacher_dir = resolve_model_dir(config.teacher.model, demo.get("teacher"), config.teacher.revision, "teacher.model")

@@ -17,7 +17,7 @@ from tasks.config import PipelineConfig
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the module fixture builds demo assets and runs whole flows
 
 BASE = {
-    "data": {"max_train_examples": 96, "max_eval_examples": 40, "demo_teacher_steps": 40},
+    "data": {"max_train_examples": 96, "max_eval_examples": 40, "demo_teacher_steps": 40, "demo_base_steps": 20},
     "teacher": {"top_k": 8, "shard_rows": 40, "max_new_tokens": 12},
     "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2},
     "eval": {"max_new_tokens": 12},

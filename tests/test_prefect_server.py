@@ -126,7 +126,7 @@ def test_api_run_killed_during_capture_and_training_then_ui_retry_resumes_and_co
     checkpoints are reused, no label row is lost or duplicated, and the run completes with its artifacts, run.json
     and the workers' output in its run log."""
     api, data, _ = stack
-    params = {"config": {"run_name": "killed", "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20},
+    params = {"config": {"run_name": "killed", "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20, "demo_base_steps": 20},
                          "teacher": {"top_k": 5, "max_new_tokens": 10, "shard_rows": 8},
                          "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "objective": "akl+ce"},
                          "eval": {"max_new_tokens": 10},
