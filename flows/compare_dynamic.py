@@ -8,6 +8,7 @@ Rows (all with objective `fkl`, the best objective of the main table, unless nam
 * `dynamic_kd r=R`: the student's entropy selects the fraction R of the training prompts; KD on their teacher labels,
   cross-entropy on the other prompts' references (select.unlabelled=ce). r=1.0 is full labelling;
 * `random_select r=R`: the same with a seeded random selection (Dynamic KD's control);
+* `dynamic_kd_kd_only r=R`, `random_select_kd_only r=R`: select.unlabelled=none, KD on the selected prompts only;
 * `small_teacher`: KD from the demo's second, smaller teacher alone (its scores of the main teacher's responses);
 * `multi_teacher K=2`: KD from the probability mean of both teachers (mean-prob-union-v1);
 * `dynamic_teacher hard`: both teachers' labels, the uncertain half of each batch from the small teacher.
@@ -85,10 +86,12 @@ def selection_sets(setup: dict, root: Path, log=print) -> dict[str, dict[str, An
                                                 schema=PROMPT_SCHEMA), u_path)
             refs = select_labels.reference_rows(str(u_path), student, " ", int(meta["k"]), int(meta["vocab_size"]),
                                                 meta["teacher_key"]) if unselected else []
-            train = _write_set(sel_dir / "labels", [row for row in full if row["example_id"] in chosen], meta, refs)
+            teacher_rows = [row for row in full if row["example_id"] in chosen]
+            train = _write_set(sel_dir / "labels", teacher_rows, meta, refs)
+            kd_only = _write_set(sel_dir / "labels-kd-only", teacher_rows, meta)  # select.unlabelled=none
             labelled = sum(full_tokens[e] for e in chosen)
             out[f"{method}-r{r:g}"] = {
-                "labels": train, "selection": str(manifest_path), "fraction": r, "method": method,
+                "labels": train, "labels_kd_only": kd_only, "selection": str(manifest_path), "fraction": r, "method": method,
                 "num_selected": manifest["num_selected"], "num_prompts": manifest["num_prompts"],
                 "teacher_tokens_saved": manifest["teacher_tokens_saved"],
                 "teacher_tokens_saved_fraction": round(manifest["teacher_tokens"]["saved_fraction"], 4),
@@ -164,6 +167,9 @@ def plan(selections: dict, teachers: dict, full: str) -> list[tuple[str, str, st
         rows.append((f"dynamic_kd r={r:g}", selections[f"entropy-r{r:g}"]["labels"], OBJECTIVE, {}))
     for r in R_VALUES[:-1]:  # r=1.0 selects every prompt whatever the method: the same run as dynamic_kd r=1
         rows.append((f"random_select r={r:g}", selections[f"random-r{r:g}"]["labels"], OBJECTIVE, {}))
+    for r in R_VALUES[:-1]:  # select.unlabelled=none: KD on the selected prompts only, nothing elsewhere
+        rows.append((f"dynamic_kd_kd_only r={r:g}", selections[f"entropy-r{r:g}"]["labels_kd_only"], OBJECTIVE, {}))
+        rows.append((f"random_select_kd_only r={r:g}", selections[f"random-r{r:g}"]["labels_kd_only"], OBJECTIVE, {}))
     rows.append(("small_teacher", teachers["small_teacher"], OBJECTIVE, {}))
     rows.append(("multi_teacher K=2", teachers["multi_teacher"], OBJECTIVE, {}))
     rows.append(("dynamic_teacher hard", teachers["pair"], OBJECTIVE, {"dynamic_teacher": "hard"}))
@@ -198,9 +204,11 @@ def run_dynamic_family(args, data_dir: Path, log=print) -> dict:
         for name, manifest, objective, train in rows:
             runs = [futures[(name, seed)].result() for seed in range(args.seeds)]
             entry = {"objective": objective, "labels": manifest, "init": "base", "runs": runs, **train}
-            key = {"dynamic_kd": "entropy", "random_select": "random"}.get(name.split()[0])
+            key = {"dynamic_kd": "entropy", "random_select": "random", "dynamic_kd_kd_only": "entropy",
+                   "random_select_kd_only": "random"}.get(name.split()[0])
             if key:
-                entry.update({k: v for k, v in selections[f"{key}-r{name.split('=')[1]}"].items() if k != "labels"})
+                entry.update({k: v for k, v in selections[f"{key}-r{name.split('=')[1]}"].items() if not k.startswith("labels")})
+                entry["unlabelled"] = "none" if "kd_only" in name else "ce"
             results[name] = entry
             log(f"compare[dynamic]: {name}: {runs}")
     from flows.compare import scores
