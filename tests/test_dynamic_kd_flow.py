@@ -454,3 +454,48 @@ def test_members_must_share_the_students_tokenizer_checked_before_compute(tmp_pa
     bad = PipelineConfig.model_validate({"data_dir": str(tmp_path), "teachers": [{"model": tiny_student}, {"model": str(other)}]})
     with pytest.raises(EnsembleError, match=r"teachers\[1\]\.model .* differs from the student's"):
         check_members(bad, prepared, log=lambda _: None)
+
+
+def test_flow_composes_selection_teacher_increments_and_training(prefect_server, tmp_path, tiny_student, monkeypatch):
+    """The distill flow with select.enabled: select -> the teacher labels each increment's filtered prompts ->
+    selected-labels -> training reads that set. Stage bodies are stubbed (the stages are tested above); this checks
+    the composition in flows/distill.py."""
+    import flows.distill as distill_flow
+    from tasks.config import PipelineConfig
+    from tasks.contracts import Evaluation, PromotionOutcome, SplitFile, TeacherLabels, TrainedStudent
+    from tasks.select.stage import SelectedPrompts
+
+    prepared = _tiny_prepared(tmp_path, tiny_student)
+    inc = [SplitFile(path=f"inc{i}.parquet", rows=2, sha256=f"s{i}") for i in range(2)]
+    calls = []
+
+    def fake_run_cached(spec, config, inputs, **_):
+        calls.append((spec.name, inputs))
+        if spec.name == "select":
+            return SelectedPrompts(key="sel", manifest="selection.json", train=inc[0], increments=inc, unselected=inc[0],
+                                   fraction=config.fraction, method=config.method, num_prompts=8, num_selected=4,
+                                   num_to_label=2, teacher_tokens_saved=10, teacher_tokens_saved_fraction=0.5)
+        if spec.name == "labels":
+            return TeacherLabels(key=f"labels-{inputs.train.sha256}", train_manifest=f"{inputs.train.path}.labels", eval_manifest="eval")
+        if spec.name == "selected-labels":
+            return TeacherLabels(key="union", train_manifest="union/manifest.json", eval_manifest="eval")
+        if spec.name == "train":
+            return TrainedStudent(key="student", checkpoint=str(tmp_path), log="log")
+        if spec.name == "eval":
+            return Evaluation(key="eval", metrics_file="m.json", metrics={"student": {}, "teacher": {}})
+        raise AssertionError(f"unexpected stage {spec.name}")
+
+    outcome = PromotionOutcome(promoted=False, version=None, champion_before=None, champion_after=None, summary="",
+                               report_md="", report_png=None, decision={})
+    monkeypatch.setattr(distill_flow, "run_cached", fake_run_cached)
+    monkeypatch.setattr(distill_flow.prepare, "run", lambda config, run_dir, log: prepared)
+    monkeypatch.setattr(distill_flow.promotion, "run", lambda *a, **k: (outcome, {"markdown": "x", "table": []}))
+    monkeypatch.setattr(distill_flow.promotion, "metric_rows", lambda evaluation: [])
+    monkeypatch.setattr(distill_flow, "track_run", lambda *a, **k: None)
+    config = PipelineConfig.model_validate({"data_dir": str(tmp_path), "select": {"enabled": True, "fraction": 0.5}})
+    distill_flow.distill(config)
+    names = [name for name, _ in calls]
+    assert names == ["select", "labels", "labels", "selected-labels", "train", "eval"]
+    assert [inputs.train for name, inputs in calls if name == "labels"] == inc  # the teacher sees only the chosen prompts
+    assert [p.key for p in calls[3][1].parts] == ["labels-s0", "labels-s1"] and calls[3][1].student_dir == tiny_student
+    assert calls[4][1].labels.train_manifest == "union/manifest.json"  # training reads the selected set
