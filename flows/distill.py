@@ -24,8 +24,9 @@ from tasks.contracts import Evaluation, PreparedData, PromotionOutcome, StudentI
 from tasks.curate import flow_stage as curate_stage
 from tasks.evaluate import stage as eval_stage
 from tasks.expand import flow_stage as expand_stage
-from tasks.init import stage as init_stage
 from tasks.faults import FaultPlan
+from tasks.init import stage as init_stage
+from tasks.onpolicy import rounds as onpolicy_stage
 from tasks.ray_logs import ray_output_to
 from tasks.runs import claim_run_dir, write_failure, write_success
 from tasks.select import labels as select_labels
@@ -135,6 +136,20 @@ def train_student(config: PipelineConfig, init: StudentInit, labels: TeacherLabe
         return run_cached(train_stage.STAGE, config.train, inputs, **_cache(config, faults))
 
 
+@task(name="onpolicy-rounds")
+def onpolicy_rounds(config: PipelineConfig, prepared: PreparedData, init: StudentInit, labels: TeacherLabels,
+                    faults: FaultPlan) -> TrainedStudent:
+    """On-policy distillation: rounds of student rollouts, teacher scoring and updates; one table row per round."""
+    inputs = onpolicy_stage.OnPolicyInputs(student_dir=init.student_dir, prompts=prepared.train, teacher_dir=prepared.teacher_dir,
+                                           teacher_hash=prepared.teacher_hash, labels_manifest=labels.train_manifest,
+                                           labels_key=labels.key)
+    with ray_output_to(_log()):
+        student = run_cached(onpolicy_stage.STAGE, config.onpolicy, inputs, **_cache(config, faults))
+    create_table_artifact(key="onpolicy-rounds", table=onpolicy_stage.round_rows(student.log),
+                          description="On-policy rounds: reward, reverse KL to the teacher, response length, policy version, seconds")
+    return student
+
+
 @task(name="evaluate")
 def evaluate(config: PipelineConfig, prepared: PreparedData, labels: TeacherLabels, student: TrainedStudent) -> Evaluation:
     inputs = eval_stage.EvalInputs(prepared=prepared, labels=labels, student=student)
@@ -190,8 +205,12 @@ def distill(config: PipelineConfig = PipelineConfig(), faults: FaultPlan = Fault
         if config.train.mixkd is not None:
             stage = "mixkd-labels"
             mixkd = mixkd_labels(config, prepared, labels, faults)
-        stage = "train-student"
-        student = train_student(config, init, labels, faults, mixkd)
+        if config.onpolicy is not None:
+            stage = "onpolicy-rounds"
+            student = onpolicy_rounds(config, to_label, init, labels, faults)
+        else:
+            stage = "train-student"
+            student = train_student(config, init, labels, faults, mixkd)
         stage = "evaluate"
         evaluation = evaluate(config, prepared, labels, student)
         reused = [name for name, out in (("teacher-labels", labels), ("train-student", student), ("evaluate", evaluation)) if out.reused]

@@ -11,27 +11,20 @@ import string
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from storage.errors import UserError
-
 from tasks.augment.config import MixKDConfig
+from tasks.config_base import EngineConfig, StageConfig
 from tasks.curate.config import CurateConfig
 from tasks.expand.config import ExpandConfig
 from tasks.gate import GateConfig, GateRule
+from tasks.onpolicy.config import OnPolicyConfig
 from tasks.tracking import TrackingConfig
 
 
 def default_data_dir() -> str:
     return os.environ.get("STILLHOUSE_DATA_DIR", str(Path.cwd() / "stillhouse-data"))
-
-
-class StageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    # Fields that say where or how a stage runs, not what it produces: changing them reuses finished outputs
-    # (tasks.stage_cache.content_fields leaves them out of the content key).
-    output_neutral_fields: ClassVar[frozenset[str]] = frozenset()
 
 
 class DataConfig(StageConfig):
@@ -109,26 +102,6 @@ class DataConfig(StageConfig):
             raise ValueError(f"data.train_split and data.eval_split are both {self.train_split!r}: evaluation would run on "
                              "training prompts; name two different splits, or set data.eval_fraction to hold out part of one")
         return self
-
-
-class EngineConfig(StageConfig):
-    """vLLM engine settings shared by the teacher and evaluation stages."""
-
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU (bfloat16 crashes vLLM's CPU attention here).")
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="On CPU: fraction of RAM vLLM reserves.")
-    cpu_kvcache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
-    max_model_len: int | None = Field(None, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool = Field(True, description="Skip graph capture/compilation: faster start for small models.")
-    trust_remote_code: bool = Field(False, description="Only turn on for model repositories you trust.")
-    seed: int = 0
-    chunked_prefill: bool | None = Field(
-        None,
-        description="vLLM chunked prefill (splitting a prompt across engine steps). None: off on CPU, vLLM's default (on) "
-        "on GPU. vLLM-CPU 0.32 crashes ('CPU Generator does not use offset') when it splits the prompt of a seeded "
-        "request, and every teacher request is seeded; off, each step takes whole prompts only (budget "
-        "max(max_model_len, 4096) tokens), so true is refused on CPU.",
-    )
 
 
 class TeacherConfig(StageConfig):
@@ -424,6 +397,10 @@ class PipelineConfig(StageConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow by default, local store).")
+    onpolicy: OnPolicyConfig | None = Field(
+        None, description="On-policy distillation instead of training on stored labels: rounds of student rollouts, "
+        "teacher scoring and updates (method minillm | gkd | onpolicy_rkl; tasks/onpolicy). None: offline KD.",
+    )
     expand: ExpandConfig | None = Field(
         None, description="Expansion (tasks/expand): the teacher writes new training prompts from the training prompts "
         "(stage expand, after prepare-data); needs `curate`. None: off (`--set 'expand={}'` turns it on).")

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config import EngineConfig, StageConfig
+from tasks.config_base import EngineConfig, StageConfig
 
 METHODS = ("minillm", "gkd", "onpolicy_rkl")
 

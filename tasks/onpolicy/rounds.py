@@ -217,6 +217,20 @@ def write_rounds_log(out_dir: Path, upto: int) -> Path:
     return path
 
 
+ROUND_COLUMNS = ("round", "policy_version", "reward", "reverse_kl", "mean_response_length")
+
+
+def round_rows(rounds_log: str | Path) -> list[dict]:
+    """One flat row per finished round (the Prefect table artifact): the headline numbers and the seconds per phase."""
+    rows = []
+    for line in Path(rounds_log).read_text().splitlines() if Path(rounds_log).exists() else []:
+        record = json.loads(line)
+        row = {name: record.get(name) for name in ROUND_COLUMNS}
+        row.update({f"seconds_{k}": v for k, v in (record.get("seconds") or {}).items()})
+        rows.append(row)
+    return rows
+
+
 def run_onpolicy_stage(cfg: OnPolicyConfig, inputs: OnPolicyInputs, ctx: StageContext) -> TrainedStudent:
     """All rounds in ctx.out_dir; the final student is copied to ctx.out_dir/student."""
     from tasks.data import read_prompts
