@@ -28,6 +28,21 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def write_parquet(table, path: Path, **options) -> Path:
+    """Write a pyarrow Table under a temporary name, then rename: a reader never sees half a file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        pq.write_table(table, tmp, **options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def read_json(path: Path) -> Any:
     with Path(path).open() as f:
         return json.load(f)

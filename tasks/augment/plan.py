@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import read_json, sha256_file, sha256_json, tmp_path_for, write_json
+from storage.atomic import read_json, sha256_file, sha256_json, write_json, write_parquet
 from storage.errors import UserError
 
 PLAN_VERSION = 1
@@ -109,12 +109,7 @@ def write_plan(out_dir: str | Path, ids: list[str], *, epochs: int, alpha: float
             log_fn(f"mixup plan: epoch {epoch} already drawn, kept")
         else:
             table = draw_epoch(ids, epoch, alpha=alpha, seed=seed, pairs_per_epoch=pairs_per_epoch)
-            tmp = tmp_path_for(path)
-            try:
-                pq.write_table(table, tmp, compression="zstd")
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_parquet(table, path, compression="zstd")
         records.append({"epoch": epoch, "path": path.name, "rows": pq.read_metadata(path).num_rows, "sha256": sha256_file(path)})
     manifest = {"version": PLAN_VERSION, "plan_key": key, "seed": int(seed), "alpha": float(alpha), "epochs": epochs,
                 "pairs_per_epoch": pairs_per_epoch, "num_ids": len(ids), "ids_sha256": sha256_json(list(ids))[:16],

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.atomic import sha256_file, tmp_path_for
+from storage.atomic import sha256_file, write_parquet
 from tasks.config import DataConfig
 from tasks.contracts import Frozen, PreparedData, SplitFile, StageOutput
 from tasks.curate.config import CurateConfig
@@ -72,12 +71,7 @@ class CuratedPrompts(StageOutput):
 
 
 def _write(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), path)
 
 
 def union_rows(prepared: PreparedData, expanded: ExpandedPrompts | None) -> tuple[list[dict[str, Any]], int]:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import sha256_dir, sha256_file, sha256_json, tmp_path_for, write_json
+from storage.atomic import sha256_dir, sha256_file, sha256_json, write_json, write_parquet
 from storage.errors import UserError
 from tasks.curate.filters import normalise
 from tasks.expand.config import ExpandConfig
@@ -140,12 +140,7 @@ def write_expansion(out_dir: str | Path, rows: list[dict[str, Any]], manifest: d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / OUTPUT_NAME
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=EXPANDED_SCHEMA), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.Table.from_pylist(rows, schema=EXPANDED_SCHEMA), path)
     manifest = {**manifest, "output": str(path), "rows": len(rows), "sha256": sha256_file(path)}
     write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
