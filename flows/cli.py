@@ -62,6 +62,7 @@ def cmd_run(args) -> int:
     from tasks.ray_logs import ray_output_to
 
     progress = StageProgress(enabled=False if args.no_progress else None)  # bars on a terminal only
+    ray_was_running = _ray_running()  # a Ray this process already ran (a caller's, a test session's) is left alone
     with Console(config.data_dir, verbose=args.verbose, progress=progress) as console:
         try:
             with ray_output_to(progress.feed):
@@ -70,12 +71,19 @@ def cmd_run(args) -> int:
             console.failed()  # where the log is; the CLI's one-line error (main) stays the last line
             raise
         finally:
-            _shutdown_ray()
+            if not ray_was_running:
+                _shutdown_ray()
         # Keep the run.json path the last line: quiet Prefect's shutdown chatter (its temporary server logs
         # "Stopping temporary server" at exit), warnings still show.
         logging.getLogger("prefect").setLevel(logging.WARNING)
         console.finish(run_json)  # the summary (stderr), then the run.json path alone on stdout
     return 0
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray() -> None:
