@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-from flows import compare_limited
-
+from flows import compare_limited, compare_onpolicy
 
 METHODS = ("ce", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "akl", "akl+ce")
 RKL_FAMILY = ("rkl", "skew_rkl", "akl")
@@ -242,11 +241,14 @@ def main(argv=None) -> int:
                              "process (same format and content; for machines where the Ray actors get no CPU time)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--family", choices=("objectives", "dynamic", "limited"), default="objectives",
+    parser.add_argument("--family", choices=("objectives", "dynamic", "limited", "onpolicy"), default="objectives",
                         help="dynamic: the Dynamic KD / multi-teacher rows (flows/compare_dynamic.py) on the first task, "
                         "merged into methods.json under 'dynamic'; limited: issue 17's limited-data rows (ce, fkl, mixkd, "
-                        "fkl on expanded+curated prompts; flows/compare_limited.py), merged under 'limited_data'")
+                        "fkl on expanded+curated prompts; flows/compare_limited.py), merged under 'limited_data'; onpolicy: issue 15's "
+                        "minillm, gkd, onpolicy_rkl and MiniLLM's two ablations beside ce, fkl, akl from the sft init "
+                        "(flows/compare_onpolicy.py), merged under 'onpolicy'")
     compare_limited.add_arguments(parser)
+    compare_onpolicy.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.family == "limited":
         return compare_limited.run(args, sys.argv[1:] if argv is None else argv)
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     configure_runtime(str(data_dir))
     if args.family == "dynamic":
         return dynamic_family(args, data_dir, argv)
+    if args.family == "onpolicy":
+        return compare_onpolicy.run(args, data_dir, argv)
     setups = {t: prepare_task(data_dir, t, args) for t in args.tasks}
     import ray
 

@@ -86,11 +86,13 @@ def _stage_folder(cache_root):
 @pytest.mark.parametrize("method,extra", [
     ("minillm", {}),                      # teacher-mixed sampling, exact (transformers lockstep)
     ("minillm", {"teacher_mix": "off"}),  # student-only vLLM rollouts (alpha 0)
-    ("gkd", {"gkd_lambda": 1.0}),
+    ("gkd", {"gkd_lambda": 0.5}),         # on-policy batches with probability 0.5, the stored teacher labels otherwise
     ("onpolicy_rkl", {}),
 ])
-def test_rounds_run_and_record_metrics(tmp_path, tiny_student, prompts, method, extra):
+def test_rounds_run_and_record_metrics(request, tmp_path, tiny_student, prompts, method, extra):
     inputs = _setup(tmp_path, tiny_student, prompts)
+    if method == "gkd" and extra.get("gkd_lambda", 1.0) < 1.0:
+        inputs["labels_manifest"] = request.getfixturevalue("tiny_labels")
     args = {"config": _config(method, **extra), "inputs": inputs, "cache_root": str(tmp_path / "cache")}
     rc, out = _run(args)
     assert rc == 0, out[-4000:]
@@ -104,6 +106,10 @@ def test_rounds_run_and_record_metrics(tmp_path, tiny_student, prompts, method, 
         assert r["rollouts"] == 4 and r["steps"] == 4 and r["reverse_kl"] >= 0 and r["mean_response_length"] >= 1
         assert set(r["seconds"]) == {"engine", "rollout", "scoring", "update"}
         assert abs(r["logprob_mismatch_max"]) < 1e-3, "rollout log-probs must be the trained student's own"
+    if method == "gkd":
+        # Seeded coin flips (seed 0): 3 of the 8 batches are rollouts, the rest stored labels, in both rounds.
+        on_policy = [r["on_policy_batches"] for r in rounds]
+        assert all(0 < n < r["steps"] for n, r in zip(on_policy, rounds)), on_policy
     meta = json.loads((_stage_folder(tmp_path / "cache") / "onpolicy_meta.json").read_text())
     mixes = method == "minillm" and extra.get("teacher_mix", "exact") == "exact"
     assert meta["sampler"] == ("teacher_mixed_hf" if mixes else "student_vllm")

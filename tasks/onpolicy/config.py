@@ -70,7 +70,7 @@ class OnPolicyConfig(StageConfig):
     lm_coef: float = Field(
         1.0, ge=0, description="Weight of the language-modelling term: cross-entropy on the training references (code: "
         "lm_coef 1; the code's pt_loss on the pretraining corpus also mixes 0.5 forward KL to the teacher (kd-ratio 0.5), "
-        "not done here). 0 turns it off. Also used by onpolicy_rkl when > 0.")
+        "not done here). 0 turns it off. Only minillm uses it (gkd and onpolicy_rkl ignore it).")
     lm_batch_size: int = Field(16, ge=1, description="Reference sequences in each step's LM term.")
     reference_prefix: str = Field(" ", description="Text put before a reference when it is tokenised (as teacher.reference_prefix).")
 
