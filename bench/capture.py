@@ -280,11 +280,11 @@ def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: 
     def plain():
         params = [SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=32, detokenize=False,
                                  seed=request_seed(0, p["example_id"])) for p in prompts]
-        outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in prompts], params, use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": p["prompt_ids"]} for p in prompts], params, use_tqdm=False)  # noqa: F821 (called before the del below)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     def with_capture(index):
-        rows = generate_rows(llm, prompts, split="train", k=k, teacher_key="bench", **sampling)
+        rows = generate_rows(llm, prompts, split="train", k=k, teacher_key="bench", **sampling)  # noqa: F821 (called before the del below)
         soft_labels.write_shard(workdir / "capture", index, rows, {"k": k, "tokenizer_hash": "bench", "teacher_key": "bench"})
         return sum(len(r["response_ids"]) for r in rows)
 
@@ -292,7 +292,7 @@ def capture_overhead(assets: dict[str, str], num_prompts: int, repeats: int, k: 
     times = {"plain": [], "capture": []}
     tokens = {}
     for rep in range(repeats):
-        for name, fn in (("plain", plain), ("capture", lambda: with_capture(rep + 1))):
+        for name, fn in (("plain", plain), ("capture", lambda rep=rep: with_capture(rep + 1))):
             t = time.perf_counter()
             tokens[name] = fn()
             times[name].append(time.perf_counter() - t)

@@ -113,9 +113,11 @@ def test_request_approval_outside_a_flow_run_is_an_error():
 
 
 def test_form_is_typed_and_description_lists_rules():
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         ApprovalInput(approve="maybe", approver="x")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         ApprovalInput(approve=True, approver="")
     text = approval_description(DECISION)
     assert "v0007" in text and "| exact_match>=0.2 | 0.41 | 0.2 | pass |" in text

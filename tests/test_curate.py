@@ -3,15 +3,13 @@
 import json
 import random
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from storage import soft_labels
 from storage.errors import UserError
-from tasks.curate import CurateConfig, CurationError, curate_rows, run_curate_stage, scores_from_labels
-from tasks.curate import filters
+from tasks.curate import CurateConfig, CurationError, curate_rows, filters, run_curate_stage, scores_from_labels
 
 _VOCAB = [f"w{i:03d}x" for i in range(400)]
 

@@ -17,7 +17,6 @@ from tasks.evaluate.harness import parse_lm_eval_results, run_lm_eval
 from tasks.evaluate.metrics import LOWER_IS_BETTER, METRIC_NAMES, known_metric_names, rouge_l, summarize, summarize_ratio
 from tasks.evaluate.perplexity import reference_ids, reference_nll
 
-
 # ---------- aggregation ----------
 
 def test_summarize_ratio_is_token_weighted_with_bootstrap_interval():

@@ -12,7 +12,7 @@ def _flat(positions):
     flat = FlatLogprobs()
     for sid, slp, srank, top in positions:
         flat.start_indices.append(len(flat.logprobs))
-        for tid, lp, rank in [(sid, slp, srank)] + [(t, l, r + 1) for r, (t, l) in enumerate(top)]:
+        for tid, lp, rank in [(sid, slp, srank)] + [(t, logp, r + 1) for r, (t, logp) in enumerate(top)]:
             flat.token_ids.append(tid)
             flat.logprobs.append(lp)
             flat.ranks.append(rank)

@@ -9,8 +9,21 @@ import torch
 
 from storage import soft_labels
 from tasks.augment import (
-    MixKDConfig, MixKDLoss, MixKDWeights, align_pair, collate, draw_epoch, frame_logits, interpolated_labels,
-    load_plan, load_sequences, mixed_batch, mixed_embeddings, read_epoch, run_mixkd_teacher_stage, run_plan_stage,
+    MixKDConfig,
+    MixKDLoss,
+    MixKDWeights,
+    align_pair,
+    collate,
+    draw_epoch,
+    frame_logits,
+    interpolated_labels,
+    load_plan,
+    load_sequences,
+    mixed_batch,
+    mixed_embeddings,
+    read_epoch,
+    run_mixkd_teacher_stage,
+    run_plan_stage,
     write_plan,
 )
 from tasks.augment.plan import PlanError

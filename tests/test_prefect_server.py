@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 HTTP = httpx.Client(timeout=60)  # the server can answer slowly while the machine is busy training
-import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # the module fixture builds demo assets and runs whole flows
 

@@ -1,6 +1,5 @@
 """Training loop: exact gradients across workers and accumulation, exact resume, Ray Train with a crashed worker."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,10 @@ def _weights(out_dir):
 
 def gradient_worker(config):
     """Ray worker: this rank's rows in two micro-batches; rank 0 saves the DDP-averaged gradient."""
+    from storage import soft_labels
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import build_objective
     from tasks.train.batches import collate
-    from storage import soft_labels
     from tasks.train.loop import accumulate_gradients
     from tasks.train.runtime import RayRuntime
     from tasks.train.stream import worker_shards

@@ -12,14 +12,14 @@ from storage import soft_labels
 from storage.atomic import write_json
 from tasks.config import EvalConfig
 from tasks.contracts import Evaluation, Frozen, PreparedData, TeacherLabels, TrainedStudent
-from tasks.identity import model_identity
-from tasks.stage_cache import StageContext, StageSpec
 from tasks.data import read_prompts
 from tasks.evaluate.distribution import distribution_scores
 from tasks.evaluate.generation import SAMPLE_TEMPERATURE, generate_student, sample_seed_values, score_generations, score_sampled
 from tasks.evaluate.metrics import summarize, summarize_ratio
 from tasks.evaluate.perplexity import reference_nll
+from tasks.identity import model_identity
 from tasks.models import load_tokenizer
+from tasks.stage_cache import StageContext, StageSpec
 
 
 def run_eval_stage(cfg: EvalConfig, student_dir: str, teacher_eval_manifest: str, prompts_path: str, out_dir: Path,

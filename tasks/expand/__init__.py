@@ -7,7 +7,13 @@
 
 from tasks.expand.config import ExpandConfig
 from tasks.expand.stage import (
-    EXPANDED_SCHEMA, ExpansionError, expand_with_llm, fewshot_request, parse_instruction, read_seeds, run_expand_stage,
+    EXPANDED_SCHEMA,
+    ExpansionError,
+    expand_with_llm,
+    fewshot_request,
+    parse_instruction,
+    read_seeds,
+    run_expand_stage,
 )
 
 __all__ = ["EXPANDED_SCHEMA", "ExpandConfig", "ExpansionError", "expand_with_llm", "fewshot_request", "parse_instruction",

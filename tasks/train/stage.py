@@ -62,7 +62,6 @@ def run_train_stage(cfg: TrainConfig, student_dir: str, labels_manifest: str, ou
                     faults: FaultPlan = NO_FAULTS, ray_address: str | None = None,
                     mixkd: MixKDLabels | None = None) -> dict[str, Any]:
     """Train and return the checkpoint folder (HF format, safetensors) and the log file."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
