@@ -85,7 +85,8 @@ def _stage_folder(cache_root):
 
 @pytest.mark.parametrize("method,extra", [
     ("minillm", {}),                      # teacher-mixed sampling, exact (transformers lockstep)
-    ("minillm", {"teacher_mix": "off"}),  # student-only vLLM rollouts (alpha 0)
+    # minillm with teacher_mix off (student-only vLLM rollouts) is left out to keep the suite under 25 minutes: the
+    # vLLM rollout path runs in the gkd and onpolicy_rkl cases, the MiniLLM loss in the case above and the unit tests.
     ("gkd", {"gkd_lambda": 0.5}),         # on-policy batches with probability 0.5, the stored teacher labels otherwise
     ("onpolicy_rkl", {}),
 ])
