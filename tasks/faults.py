@@ -7,6 +7,8 @@ reads fault settings from the environment.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -25,24 +27,18 @@ class FaultPlan(BaseModel):
 
     def kill_round_now(self, round_index: int, phase: str) -> bool:
         """True once: at `kill_onpolicy_round` / `kill_onpolicy_phase`, unless the marker says it already happened."""
-        from pathlib import Path
-
         if self.kill_onpolicy_round != round_index or self.kill_onpolicy_phase != phase:
             return False
-        if self.kill_marker is None:
-            return True
-        marker = Path(self.kill_marker)
-        if marker.exists():
-            return False
-        marker.touch()
-        return True
+        return self._first_time()
 
     def kill_now(self, step: int, rank: int) -> bool:
         """True once: on rank 0 at `kill_train_at_step`, unless the marker says it already happened."""
-        from pathlib import Path
-
         if self.kill_train_at_step is None or rank != 0 or step + 1 != self.kill_train_at_step:
             return False
+        return self._first_time()
+
+    def _first_time(self) -> bool:
+        """Claim the kill: False when the marker file says it already happened (a restarted process)."""
         if self.kill_marker is None:
             return True
         marker = Path(self.kill_marker)

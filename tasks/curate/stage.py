@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from storage import soft_labels
-from storage.atomic import sha256_file, sha256_json, tmp_path_for, write_json
+from storage.atomic import sha256_file, sha256_json, write_json, write_parquet
 from storage.errors import UserError
 from tasks.curate import filters
 from tasks.curate.config import FILTER_ORDER, CurateConfig
@@ -182,12 +182,7 @@ def run_curate_stage(prompts_path: str | Path, out_dir: str | Path, cfg: CurateC
     indices = [i for i, r in enumerate(rows) if r["example_id"] in keep_ids]
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / OUTPUT_NAME
-    tmp = tmp_path_for(out)
-    try:
-        pq.write_table(table.take(pa.array(indices, pa.int64())), tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(table.take(pa.array(indices, pa.int64())), out)
     manifest = CurateManifest(
         input=str(prompts_path), input_sha256=sha256_file(prompts_path), output=str(out), output_sha256=sha256_file(out),
         rows_in=len(rows), rows_out=len(indices), config=cfg.model_dump(),

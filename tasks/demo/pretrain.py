@@ -19,13 +19,11 @@ starting point, `train.init: sft`), and the comparison needs the two apart.
 from __future__ import annotations
 
 import random
-import time
 
-import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tasks.demo import task as demo_task
-from tasks.demo.train_teacher import cosine_schedule
+from tasks.demo.train_teacher import fit_causal_lm
 
 
 def _qa_statement(rng: random.Random) -> str:
@@ -90,30 +88,6 @@ def corpus(task: str, size: int = 20000, seed: int = 0) -> list[str]:
 def pretrain_lm(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], *, steps: int,
                 batch_size: int = 32, lr: float = 3e-3, seed: int = 0, log_fn=print) -> float:
     """Next-token cross-entropy on every token of `<s> text </s>`; returns the last loss."""
-    rng = random.Random(seed)
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
-    pad = tokenizer.pad_token_id
-    model.train()
-    start, loss = time.time(), torch.tensor(float("nan"))
-    for step in range(steps):
-        batch = rng.sample(encoded, batch_size)
-        length = max(len(s) for s in batch)
-        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
-        labels = torch.full((batch_size, length), -100, dtype=torch.long)
-        attention = torch.zeros((batch_size, length), dtype=torch.long)
-        for i, seq in enumerate(batch):
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, 1 : len(seq)] = torch.tensor(seq[1:])
-            attention[i, : len(seq)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log_fn(f"demo base student: step {step + 1}/{steps} LM loss {loss.item():.3f} ({time.time() - start:.0f}s)")
-    model.eval()
-    return float(loss.detach())
+    return fit_causal_lm(model, [(seq[:1], seq[1:]) for seq in encoded], tokenizer.pad_token_id, steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, log_fn=log_fn, what="demo base student", loss_name="LM loss")

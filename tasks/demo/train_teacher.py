@@ -37,15 +37,22 @@ def train_sft(
     log_fn=print,
 ) -> None:
     """Cross-entropy on response tokens only, AdamW with warmup and cosine decay."""
+    fit_causal_lm(model, [_encode(tokenizer, ex) for ex in examples], tokenizer.pad_token_id, steps=steps,
+                  batch_size=batch_size, lr=lr, seed=seed, log_fn=log_fn, what="demo teacher", loss_name="loss")
+
+
+def fit_causal_lm(model: LlamaForCausalLM, pairs: list[tuple[list[int], list[int]]], pad: int, *, steps: int,
+                  batch_size: int = 32, lr: float = 3e-3, seed: int = 0, log_fn=print, what: str = "demo model",
+                  loss_name: str = "loss") -> float:
+    """Train on (context, target) token pairs, loss on the target tokens only (AdamW, warmup + cosine decay); the
+    demo's teacher and its base student share it. Returns the last loss."""
     rng = random.Random(seed)
-    encoded = [_encode(tokenizer, ex) for ex in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
-    pad = tokenizer.pad_token_id
     model.train()
-    start = time.time()
+    start, loss = time.time(), torch.tensor(float("nan"))
     for step in range(steps):
-        batch = rng.sample(encoded, batch_size)
+        batch = rng.sample(pairs, batch_size)
         length = max(len(p) + len(r) for p, r in batch)
         input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
         labels = torch.full((batch_size, length), -100, dtype=torch.long)
@@ -62,5 +69,6 @@ def train_sft(
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            log_fn(f"demo teacher: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+            log_fn(f"{what}: step {step + 1}/{steps} {loss_name} {loss.item():.3f} ({time.time() - start:.0f}s)")
     model.eval()
+    return float(loss.detach())

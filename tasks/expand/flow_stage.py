@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from storage.atomic import sha256_file, tmp_path_for
+from storage.atomic import sha256_file, write_parquet
 from tasks.config import DataConfig, TeacherConfig
 from tasks.contracts import Frozen, PreparedData, SplitFile, StageOutput
 from tasks.data import read_prompts
@@ -95,12 +94,7 @@ class ExpandWorker:
 def write_seeds(prepared: PreparedData, template: str | None, path: Path) -> int:
     rows = read_prompts(prepared.train.path)
     table = pa.table({"example_id": [r["example_id"] for r in rows], "prompt": [unfill(template, r["prompt"]) for r in rows]})
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(table, path)
     return len(rows)
 
 

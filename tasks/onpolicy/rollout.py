@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import tmp_path_for
+from storage.atomic import write_parquet
 from storage.errors import UserError
 
 ROLLOUTS_FILE = "rollouts.parquet"
@@ -63,12 +63,7 @@ def write_rollouts(path: Path, rows: list[dict[str, Any]], metadata: dict[str, A
     table = table.replace_schema_metadata({ROLLOUT_KEY: json.dumps(metadata, sort_keys=True).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(table, path, compression="zstd")
     return path
 
 

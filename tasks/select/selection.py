@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import read_json, sha256_file, tmp_path_for, write_json
+from storage.atomic import read_json, sha256_file, write_json, write_parquet
 from tasks.data import PROMPT_SCHEMA, read_prompts
 from tasks.select.scores import HIGHER_FIRST, METHODS, SelectionError
 
@@ -111,12 +111,7 @@ def write_selection(out_dir: str | Path, example_order: Sequence[str], stats: Ma
         "prompt_tokens": int(stats[ex]["prompt_tokens"]), "response_tokens": int(stats[ex]["response_tokens"]),
     } for ex in example_order]
     table_path = out_dir / TABLE_NAME
-    tmp = tmp_path_for(table_path)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp)
-        tmp.replace(table_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), table_path)
     full = {
         **manifest,
         "num_prompts": len(rows),
@@ -162,10 +157,5 @@ def filter_prompts(prompts_path: str | Path, selection: str | Path, out_path: st
     rows = [{f: p.get(f) for f in PROMPT_SCHEMA.names} for p in prompts if p["example_id"] in keep]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(out_path)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), tmp)
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), out_path)
     return {"path": str(out_path), "rows": len(rows), "sha256": sha256_file(out_path)}

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from storage.atomic import sha256_dir, sha256_file
+from storage.atomic import sha256_dir, sha256_file, write_parquet
 from tasks.config import EngineConfig, SelectConfig
 from tasks.contracts import Frozen, PreparedData, SplitFile, StageOutput
 from tasks.data import read_prompts
@@ -174,19 +174,12 @@ def _split_file(info: dict[str, Any]) -> SplitFile:
 
 def _write_unselected(prompts_path: str, table: list[dict[str, Any]], out_path: Path) -> SplitFile:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from storage.atomic import tmp_path_for
     from tasks.data import PROMPT_SCHEMA
 
     chosen = {r["example_id"] for r in table if r["selected"]}
     rows = [{f: p.get(f) for f in PROMPT_SCHEMA.names} for p in read_prompts(prompts_path) if p["example_id"] not in chosen]
-    tmp = tmp_path_for(out_path)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), tmp)
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), out_path)
     return SplitFile(path=str(out_path), rows=len(rows), sha256=sha256_file(out_path))
 
 
