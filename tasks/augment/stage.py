@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from storage import soft_labels
-from storage.atomic import sha256_dir, sha256_json
+from storage.atomic import sha256_json
 from tasks.augment import plan as plan_mod
 from tasks.augment.config import MixKDConfig
 from tasks.augment.mixing import align_pair, collate, teacher_label_rows
+from tasks.identity import model_content_hash
 from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
 
 MODE = "mixup"
@@ -60,7 +61,7 @@ def mixup_metadata(teacher_dir: str, plan: dict[str, Any], *, k: int, epoch: int
         "response_source": MODE,
         "teacher_model": teacher_model or teacher_dir,
         "teacher_revision": None,
-        "teacher_hash": sha256_dir(Path(teacher_dir), "*.safetensors")[:16],
+        "teacher_hash": model_content_hash(teacher_dir),
         "tokenizer_hash": tokenizer_hash(tok),
         "vocab_size": len(tok),
         "engine": f"transformers {transformers.__version__} (inputs_embeds, float32, torch {torch.__version__})",

@@ -27,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import sha256_dir, sha256_file, sha256_json, write_json, write_parquet
+from storage.atomic import sha256_file, sha256_json, write_json, write_parquet
 from storage.errors import UserError
 from tasks.curate.filters import normalise
 from tasks.expand.config import ExpandConfig
+from tasks.identity import model_content_hash
 from tasks.prompting import DEFAULT_TEMPLATE, format_prompt
 
 OUTPUT_NAME = "prompts.parquet"
@@ -172,7 +173,7 @@ def run_expand_stage(teacher_dir: str, seeds_path: str | Path, out_dir: str | Pa
     tokenizer = load_tokenizer(teacher_dir)
     if llm is None:
         llm = build_engine(teacher_dir, engine_cfg)
-    teacher_hash = sha256_dir(Path(teacher_dir), "*.safetensors")[:16]
+    teacher_hash = model_content_hash(teacher_dir)
     rows, stats = expand_with_llm(llm, tokenizer, seeds, cfg, teacher=teacher_model or teacher_dir, teacher_hash=teacher_hash,
                                   prompt_template=prompt_template, use_chat_template_for_prompts=use_chat_template_for_prompts,
                                   log_fn=log_fn)

@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import Field
 
-from storage.atomic import sha256_dir, sha256_file, write_parquet
+from storage.atomic import sha256_file, write_parquet
 from tasks.config import EngineConfig, SelectConfig
 from tasks.contracts import Frozen, PreparedData, SplitFile, StageOutput
 from tasks.data import read_prompts
+from tasks.identity import model_content_hash
 from tasks.select.scores import HIGHER_FIRST, METHODS, SelectionError, method_scores, prompt_stats
 from tasks.select.selection import MANIFEST_NAME, check_fraction, load_selection, select, write_selection
 from tasks.stage_cache import StageContext, StageSpec
@@ -92,7 +93,7 @@ def run_selection(prompts_path: str | Path, student_dir: str, out_dir: str | Pat
         raise SelectionError(f"{prompts_path}: no prompts to select from")
     prompts_sha = sha256_file(Path(prompts_path))
     engine = engine or EngineConfig()
-    scoring = {"stage_version": STAGE_VERSION, "student_hash": sha256_dir(Path(student_dir), "*.safetensors")[:16],
+    scoring = {"stage_version": STAGE_VERSION, "student_hash": model_content_hash(student_dir),
                "top_k": top_k, "temperature": float(temperature), "max_new_tokens": max_new_tokens,
                "sampling_seed": seed}
     prev_manifest, prev_selected = None, None
