@@ -11,19 +11,7 @@ from flows.cli import main
 from flows.registry_cli import registry_main
 from storage.registry import ModelRegistry
 from tasks.model_card import write_card_for_entry
-
-
-def make_model(folder: Path, tag: str) -> Path:
-    """A stand-in HF model folder; `tag` makes its bytes unique so copies can be traced."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "toy", "tag": tag}))
-    (folder / "model.safetensors").write_bytes(tag.encode() * 64)
-    (folder / "tokenizer.json").write_text("{}")
-    return folder
-
-
-def register(reg: ModelRegistry, tmp_path: Path, tag: str, **metrics: float):
-    return reg.register(make_model(tmp_path / f"src-{tag}", tag), lineage={"teacher": "t", "tag": tag}, metrics=metrics, decision={"promoted": True})
+from tests.test_registry import make_model, register  # noqa: F401  (one stand-in model for both files)
 
 
 def test_cli_list_show_promote_rollback(tmp_path, capsys, monkeypatch):
