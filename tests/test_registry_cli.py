@@ -11,7 +11,7 @@ from flows.cli import main
 from flows.registry_cli import registry_main
 from storage.registry import ModelRegistry
 from tasks.model_card import write_card_for_entry
-from tests.test_registry import make_model, register  # noqa: F401  (one stand-in model for both files)
+from tests.test_registry import make_model, register  # one stand-in model for both files
 
 
 def test_cli_list_show_promote_rollback(tmp_path, capsys, monkeypatch):
