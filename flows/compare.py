@@ -193,16 +193,23 @@ def plan(grid: str, tasks: list[str]) -> list[dict]:
     return rows
 
 
-def run_one(setup: dict, inits: dict, row: dict, seed: int, steps: int, lr: float, prompts: list[dict], log=print) -> dict:
-    """Train one (method, init, lr, seed) with the production loop, score it; a finished identical run is reused."""
+def run_one(setup: dict, inits: dict, row: dict, seed: int, steps: int, lr: float, prompts: list[dict], log=print,
+            train_set: dict | None = None) -> dict:
+    """Train one (method, init, lr, seed) with the production loop, score it; a finished identical run is reused.
+
+    train_set: extra TrainConfig fields for every run (--train-set), e.g. packing; such runs get their own folders.
+    """
     from storage.atomic import read_json, sha256_json, write_json
+    from tasks.config import TrainConfig
     from tasks.train.loop import train
     from tasks.train.loop_config import LoopConfig
     from tasks.train.runtime import LocalRuntime
 
-    cfg = setup["config"].train.model_copy(update={"objective": row["method"], "steps": steps, "seed": seed,
-                                                   "learning_rate": lr, "checkpoint_every": steps})
-    out_dir = setup["root"] / "runs" / f"{row['init']}-{row['method']}-lr{lr:g}-seed{seed}"
+    update = {**(train_set or {}), "objective": row["method"], "steps": steps, "seed": seed, "learning_rate": lr,
+              "checkpoint_every": steps}
+    cfg = TrainConfig.model_validate({**setup["config"].train.model_dump(), **update})
+    variant = f"-set{sha256_json(train_set)[:8]}" if train_set else ""
+    out_dir = setup["root"] / "runs" / f"{row['init']}-{row['method']}-lr{lr:g}{variant}-seed{seed}"
     key = sha256_json({"init": inits[row["init"]], "labels": setup["labels"].train_manifest, "train": cfg.model_dump(),
                        "eval": setup["prepared"].eval.sha256})
     done = out_dir / "result.json"
@@ -241,6 +248,9 @@ def main(argv=None) -> int:
                              "process (same format and content; for machines where the Ray actors get no CPU time)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--train-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="train config fields for every run of the objectives family, e.g. packing=true fused_head=true "
+                        "(values parsed as YAML); such runs are trained in their own folders and recorded under 'train_set'")
     parser.add_argument("--family", choices=("objectives", "dynamic", "limited", "onpolicy"), default="objectives",
                         help="dynamic: the Dynamic KD / multi-teacher rows (flows/compare_dynamic.py) on the first task, "
                         "merged into methods.json under 'dynamic'; limited: issue 17's limited-data rows (ce, fkl, mixkd, "
@@ -271,10 +281,11 @@ def main(argv=None) -> int:
 
     ray.shutdown()  # free the cores for training
     rows = [r for r in plan(args.grid, args.tasks) if r["group"] in args.groups and (not args.methods or r["method"] in args.methods)]
+    train_set = parse_train_set(args.train_set)
     command = "python -m flows.compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = {"primary_metric": "exact_match", "steps": args.steps, "sft_steps": args.sft_steps, "seeds": args.seeds,
                "alt_lr": args.alt_lr, "grid": args.grid, "command": command.strip(), "commit": code_version()[:7],
-               "date": time.strftime("%Y-%m-%d"), "tasks": {}}
+               "date": time.strftime("%Y-%m-%d"), "train_set": train_set, "tasks": {}}
     inits, prompts = {}, {}
     for task_name, setup in setups.items():
         cfg = setup["config"]
@@ -299,7 +310,8 @@ def main(argv=None) -> int:
         work.setdefault((row["task"], run_name(row["method"], row["init"], lr, default_lr)), (row, lr))
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                              initargs=(args.threads,)) as pool:
-        futures = {(key, seed): pool.submit(run_one, setups[key[0]], inits[key[0]], row, seed, args.steps, lr, prompts[key[0]])
+        futures = {(key, seed): pool.submit(run_one, setups[key[0]], inits[key[0]], row, seed, args.steps, lr, prompts[key[0]],
+                                                train_set=train_set)
                    for key, (row, lr) in work.items() for seed in range(args.seeds)}
         for (task_name, name), (row, lr) in work.items():
             runs = []
@@ -342,6 +354,22 @@ def _seen(setup: dict) -> int:
 
     train = [p["prompt"] for p in read_prompts(setup["prepared"].train.path)]
     return seen_in([p["prompt"] for p in read_prompts(setup["prepared"].eval.path)], train)
+
+
+def parse_train_set(items: list[str]) -> dict:
+    """FIELD=VALUE pairs (values as YAML) checked against TrainConfig before any work."""
+    import yaml
+
+    from tasks.config import TrainConfig
+
+    out = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or field not in TrainConfig.model_fields:
+            raise SystemExit(f"--train-set {item!r}: expected FIELD=VALUE with FIELD a train config field")
+        out[field] = yaml.safe_load(value)
+    TrainConfig.model_validate(out)
+    return out
 
 
 def run_name(method: str, init: str, lr: float, default_lr: float) -> str:

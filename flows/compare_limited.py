@@ -7,7 +7,9 @@ same init as `make compare`'s main group), each with --seeds seeds and the produ
   fkl           forward KL on the teacher's top-k labels;
   mixkd         fkl plus MixKD's student-mixup and teacher-mixup KD terms (train.mixkd, tasks/augment);
   fkl+expanded  fkl on the teacher's labels of the original + teacher-written prompts after curation
-                (expand + curate stages, tasks/expand, tasks/curate).
+                (expand + curate stages, tasks/expand, tasks/curate);
+  fkl+curated   fkl on the original prompts after the same curation, nothing written by the teacher: separates
+                what curation does (dedup, decontamination) from what the teacher's new prompts add.
 
 Every stage goes through the stage cache (the flow's code, not a copy), so a rerun only trains what is
 missing. Scored like `make compare` (greedy exact match and ROUGE-L on the held-out prompts, KL to the
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("ce", "fkl", "mixkd", "fkl+expanded")
+ROWS = ("ce", "fkl", "mixkd", "fkl+expanded", "fkl+curated")
 
 
 def prepare_limited(data_dir: Path, args, log=print) -> dict:
@@ -64,7 +66,11 @@ def prepare_limited(data_dir: Path, args, log=print) -> dict:
                          curate_stage.CurateInputs(prepared=prepared, expanded=expanded, data=config.data,
                                                    max_new_tokens=config.teacher.max_new_tokens), **cache)
     labels_x = run_cached(teacher_stage.STAGE, config.teacher, prepared.model_copy(update={"train": curated.train}), **cache)
-    return {"config": config, "demo": demo, "root": root, "prepared": prepared, "labels": labels, "mixkd": mixkd,
+    curated_only = run_cached(curate_stage.STAGE, config.curate,
+                              curate_stage.CurateInputs(prepared=prepared, expanded=None, data=config.data,
+                                                        max_new_tokens=config.teacher.max_new_tokens), **cache)
+    labels_c = run_cached(teacher_stage.STAGE, config.teacher, prepared.model_copy(update={"train": curated_only.train}), **cache)
+    return {"curated_only": curated_only, "labels_curated": labels_c,"config": config, "demo": demo, "root": root, "prepared": prepared, "labels": labels, "mixkd": mixkd,
             "expanded": expanded, "curated": curated, "labels_expanded": labels_x, "total_train": total}
 
 
@@ -80,7 +86,7 @@ def run_row(setup: dict, row: str, seed: int, steps: int, prompts: list[dict]) -
     objective = "ce" if row == "ce" else "fkl"
     cfg = base.model_copy(update={"objective": objective, "steps": steps, "seed": seed, "checkpoint_every": steps,
                                   "mixkd": base.mixkd if row == "mixkd" else None})
-    labels = setup["labels_expanded"] if row == "fkl+expanded" else setup["labels"]
+    labels = {"fkl+expanded": setup["labels_expanded"], "fkl+curated": setup["labels_curated"]}.get(row, setup["labels"])
     mixkd = setup["mixkd"] if row == "mixkd" else None
     out_dir = setup["root"] / "runs" / f"{row}-seed{seed}"
     key = sha256_json({"init": setup["demo"]["student_base"], "labels": labels.key, "mixkd": mixkd.key if mixkd else None,
@@ -135,7 +141,9 @@ def run(args, argv) -> int:
                  "eval_prompts": len(prompts),
                  "expanded": {"written": expanded.prompts.rows, "asked": cfg.expand.num_prompts, "stats": expanded.stats,
                               "sample": [r["prompt"] for r in read_prompts(expanded.prompts.path)[:8]]},
-                 "curated": curated.summary(), "fkl+expanded_train_prompts": curated.train.rows},
+                 "curated": curated.summary(), "fkl+expanded_train_prompts": curated.train.rows,
+                 "curated_originals_only": setup["curated_only"].summary(),
+                 "fkl+curated_train_prompts": setup["curated_only"].train.rows},
         "mixkd": {"settings": cfg.train.mixkd.model_dump(), "pairs": setup["mixkd"].pairs},
         "teacher": scores(setup["demo"]["teacher"], prompts, setup["labels"].eval_manifest, cfg.eval.max_new_tokens),
         "base_init": scores(setup["demo"]["student_base"], prompts, setup["labels"].eval_manifest, cfg.eval.max_new_tokens),
@@ -166,7 +174,7 @@ def write_limited(entry: dict, out: Path) -> None:
 def render(entry: dict) -> str:
     lines = ["| row | train prompts | exact match | ROUGE-L | KL to teacher |", "|---|---|---|---|---|"]
     for row, stats in entry["rows"].items():
-        size = entry["data"]["fkl+expanded_train_prompts"] if row == "fkl+expanded" else entry["data"]["train_prompts"]
+        size = entry["data"].get(f"{row}_train_prompts", entry["data"]["train_prompts"])
         lines.append(f"| {row} | {size} | " + " | ".join(f"{stats[m]['mean']:.3f} ± {stats[m]['std']:.3f}"
                                                        for m in ("exact_match", "rouge_l", "kl_to_teacher")) + " |")
     return "\n".join(lines) + "\n"
