@@ -8,8 +8,9 @@ reads fault settings from the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class FaultPlan(BaseModel):
@@ -24,12 +25,17 @@ class FaultPlan(BaseModel):
     kill_onpolicy_round: int | None = Field(None, ge=0, description="On-policy stage: SIGKILL the stage process in this round (once).")
     kill_onpolicy_phase: str = Field("start", pattern="^(start|rollouts|scoring)$",
                                      description="Where in that round: start (a round boundary), after the rollouts, after scoring.")
+    kill_onpolicy_points: tuple[Annotated[str, StringConstraints(pattern=r"^\d+:(start|rollouts|scoring)$")], ...] = Field(
+        (), description="On-policy stage: more kill points as 'round:phase' (e.g. '2:rollouts'), each once (its own marker).")
 
     def kill_round_now(self, round_index: int, phase: str) -> bool:
-        """True once: at `kill_onpolicy_round` / `kill_onpolicy_phase`, unless the marker says it already happened."""
-        if self.kill_onpolicy_round != round_index or self.kill_onpolicy_phase != phase:
-            return False
-        return self._first_time()
+        """True once per kill point (`kill_onpolicy_round`/`_phase`, or one of `kill_onpolicy_points`), unless its
+        marker says it already happened."""
+        if self.kill_onpolicy_round == round_index and self.kill_onpolicy_phase == phase:
+            return self._first_time()
+        if f"{round_index}:{phase}" in self.kill_onpolicy_points:
+            return self._first_time(f".{round_index}-{phase}")
+        return False
 
     def kill_now(self, step: int, rank: int) -> bool:
         """True once: on rank 0 at `kill_train_at_step`, unless the marker says it already happened."""
@@ -37,11 +43,11 @@ class FaultPlan(BaseModel):
             return False
         return self._first_time()
 
-    def _first_time(self) -> bool:
+    def _first_time(self, suffix: str = "") -> bool:
         """Claim the kill: False when the marker file says it already happened (a restarted process)."""
         if self.kill_marker is None:
             return True
-        marker = Path(self.kill_marker)
+        marker = Path(self.kill_marker + suffix)
         if marker.exists():
             return False
         marker.touch()

@@ -309,3 +309,16 @@ def test_config_rejects_tempered_policy_gradient_and_records_the_sampler():
     assert OnPolicyConfig(method="minillm", teacher_mix="off").sampler == "student_vllm"
     with pytest.raises(ValueError):
         OnPolicyConfig(method="ppo")
+
+
+def test_fault_plan_kill_points_fire_once_each(tmp_path):
+    from pydantic import ValidationError
+
+    from tasks.faults import FaultPlan
+
+    plan = FaultPlan(kill_onpolicy_points=("1:start", "2:rollouts"), kill_marker=str(tmp_path / "kill"))
+    assert [plan.kill_round_now(1, "start"), plan.kill_round_now(1, "start")] == [True, False]  # a restarted process
+    assert plan.kill_round_now(2, "start") is False and plan.kill_round_now(1, "rollouts") is False
+    assert [plan.kill_round_now(2, "rollouts"), plan.kill_round_now(2, "rollouts")] == [True, False]
+    with pytest.raises(ValidationError, match="kill_onpolicy_points"):
+        FaultPlan(kill_onpolicy_points=("2:update",))
