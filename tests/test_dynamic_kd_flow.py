@@ -366,6 +366,8 @@ def test_selection_stage_labels_only_the_chosen_prompts_and_growing_r_only_the_d
     parts = [run_cached(teacher_stage.STAGE, teacher_cfg, prepared.model_copy(update={"train": inc}), cache_root=cache, log=quiet)
              for inc in second.increments]
     assert parts[0].reused and not parts[1].reused
+    # The held-out prompts were labelled once: every increment's capture points at the same held-out labels.
+    assert parts[1].eval_manifest == parts[0].eval_manifest == labelled[0].eval_manifest
     _, table2 = load_selection(second.manifest)
     new = {r["example_id"] for r in table2 if r["new"]}
     newly_labelled = [r["example_id"] for r in soft_labels.read(parts[1].train_manifest)]

@@ -195,6 +195,51 @@ def test_api_run_killed_during_capture_and_training_then_ui_retry_resumes_and_co
     assert "train: step 8/8" in logs, "trainer output missing from the run log"
 
 
+def test_api_onpolicy_run_killed_between_and_during_rounds_then_ui_retry_resumes_at_the_round(stack):
+    """An on-policy (MiniLLM) run through the API: the flow-run process is SIGKILLed at the start of round 2 (round 1
+    finished) and, after a Retry as the UI does, again in round 3 after its rollouts were written. Each Retry resumes
+    at the round where it stopped: finished rounds are skipped, round 3's rollouts (same policy version and weights)
+    are reused, every round trained on rollouts of its own policy version, and the gate runs on the final student.
+    The labels and demo assets are the previous test's (same settings), so only the rounds and evaluation run."""
+    api, data, _ = stack
+    params = {"config": {"run_name": "killed-onpolicy",
+                         "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20, "demo_base_steps": 20},
+                         "teacher": {"top_k": 5, "max_new_tokens": 10, "shard_rows": 8},
+                         "onpolicy": {"method": "minillm", "rounds": 3, "prompts_per_round": 4, "max_new_tokens": 6,
+                                      "inner_epochs": 1, "batch_size": 4, "lm_batch_size": 4, "top_k": 5},
+                         "eval": {"max_new_tokens": 10},
+                         "promotion": {"gate": {"rules": [{"metric": "rouge_l", "kind": "absolute", "threshold": 0.0}]}}},
+              # The flow's fault seam: the stage process SIGKILLs itself at these points, once each (marker files).
+              "faults": {"kill_onpolicy_points": ["1:start", "2:rollouts"], "kill_marker": str(data / "onpolicy-kill")}}
+    response = HTTP.post(f"{api}/deployments/{_deployment_id(api)}/create_flow_run", json={"parameters": params})
+    response.raise_for_status()
+    run_id = response.json()["id"]
+
+    for point in ("1-start", "2-rollouts"):
+        state = _wait_state(api, run_id, ("CRASHED", "FAILED", "COMPLETED"))
+        assert state["type"] in ("CRASHED", "FAILED"), f"not killed at {point}: {state}"
+        assert (data / f"onpolicy-kill.{point}").exists(), f"died elsewhere than at {point}: {state}"
+        _retry_like_the_ui(api, run_id)
+    state = _wait_state(api, run_id, ("COMPLETED", "FAILED", "CRASHED"))
+    assert state["type"] == "COMPLETED", state
+
+    logs = "\n".join(_run_logs(api, run_id))
+    (folder,) = [p.parent for p in (data / "cache" / "onpolicy").glob("*/rounds.jsonl")]
+    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rounds] == [0, 1, 2], "one record per round, each round once"
+    # After the first kill round 1 was skipped; after the second, rounds 1-2 were, and round 3 reused its rollouts.
+    assert logs.count("onpolicy: round 1/3 already complete") == 2 and logs.count("onpolicy: round 2/3 already complete") == 1
+    assert "onpolicy: round 3/3 policy v2" in logs and "(rollouts reused)" in logs
+    from tasks.onpolicy.rounds import load_round_records
+
+    for r in range(3):
+        assert {row["policy_version"] for row in load_round_records(folder / f"round-{r}", r)} == {r}
+    run = json.loads((data / "runs" / "killed-onpolicy" / "run.json").read_text())
+    assert run["status"] == "completed" and run["student_checkpoint"] == str(folder / "student")
+    artifacts = HTTP.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    assert {a["key"] for a in artifacts} >= {"onpolicy-rounds", "eval-metrics", "run-report"}
+
+
 def test_stack_down_stops_its_own_services_and_nothing_else(stack, ray_local):
     """`ray stop` would also kill any other Ray cluster on the machine - this pytest process's own one included, which
     then exits silently (a red CI once); `down` must stop only the stack's process groups."""

@@ -1,7 +1,11 @@
 """Teacher stage entry point: label the training prompts (sampled or scored) and the held-out prompts (greedy).
 
 The held-out labels double as the teacher's greedy answers for evaluation, so
-the teacher engines start once per run. Engines live in Ray actors, one per
+the teacher engines start once per run. They depend only on the teacher, the
+held-out prompts and the settings that shape a greedy capture, so they live in a
+folder of their own keyed by exactly those (`heldout_folder`): runs whose training
+prompts differ (each increment of a growing Dynamic KD selection, expanded data)
+reuse one held-out capture instead of relabelling it. Engines live in Ray actors, one per
 replica (data parallel: shards go to whichever replica is free), killed
 afterwards, which frees the engines' memory reliably. The driver writes the
 manifest once every shard is done, so a manifest always lists a whole capture.
@@ -155,6 +159,21 @@ def start_replicas(cfg: TeacherConfig, teacher_dir: str) -> list:
     return [actor_cls.remote(teacher_dir, cfg, i) for i in range(cfg.replicas)]
 
 
+# TeacherConfig fields that only shape the training labels (sampling, score mode); the held-out capture is greedy.
+TRAIN_ONLY_FIELDS = frozenset({"temperature", "top_p", "samples_per_prompt", "mode", "reference_prefix"})
+
+
+def heldout_folder(cfg: TeacherConfig, prepared: PreparedData, stage_dir: Path) -> Path:
+    """Where the held-out capture of this teacher, these prompts and these greedy settings lives: `labels-heldout/KEY`
+    beside the stage's own cache folder (cache/labels/KEY), KEY made of exactly what decides its content."""
+    from tasks.stage_cache import content_fields
+
+    settings = {k: v for k, v in content_fields(cfg).items() if k not in TRAIN_ONLY_FIELDS}
+    key = sha256_json({"teacher_model": model_identity(prepared.teacher_dir), "prompts": prepared.eval.sha256,
+                       "split": prepared.eval_split, "settings": settings})[:16]
+    return stage_dir.parent.parent / "labels-heldout" / key
+
+
 def run_teacher_stage(cfg: TeacherConfig, prepared: PreparedData, ctx: StageContext) -> TeacherLabels:
     """Label the training prompts (sampled or scored) and the held-out prompts (greedy) into ctx.out_dir/{train,eval}."""
     import ray
@@ -176,13 +195,18 @@ def run_teacher_stage(cfg: TeacherConfig, prepared: PreparedData, ctx: StageCont
         else:
             sampling = {**sampling, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.engine.seed}
         work.append((role, split, mode, sampling, prompts))
-    replicas = start_replicas(cfg, teacher_dir)
+    folders = {"train": ctx.out_dir / "train", "eval": heldout_folder(cfg, prepared, ctx.out_dir) / "eval"}
     manifests = {}
+    if _intact(folders["eval"] / soft_labels.MANIFEST_NAME):
+        manifests["eval"] = str(folders["eval"] / soft_labels.MANIFEST_NAME)
+        ctx.log(f"teacher: eval labels reused (same teacher, held-out prompts and settings): {manifests['eval']}")
+        work = [w for w in work if w[0] != "eval"]
+    replicas = start_replicas(cfg, teacher_dir)
     try:
         for role, split, mode, sampling, prompts in work:
             metadata = label_metadata(cfg, teacher_dir, split, sampling, mode, teacher_hash=prepared.teacher_hash)
             manifest, per_replica, _ = capture_on_replicas(
-                replicas, prompts, ctx.out_dir / role, split=split, metadata=metadata, shard_rows=cfg.shard_rows,
+                replicas, prompts, folders[role], split=split, metadata=metadata, shard_rows=cfg.shard_rows,
                 sampling=sampling, mode=mode, pause_after_shard_s=ctx.faults.shard_pause_s,
             )
             manifests[role] = str(manifest)
@@ -196,18 +220,20 @@ def run_teacher_stage(cfg: TeacherConfig, prepared: PreparedData, ctx: StageCont
 
 def labels_intact(output: TeacherLabels) -> bool:
     """Both manifests exist and every shard they list is finished with the recorded checksum."""
-    for manifest_path in (output.train_manifest, output.eval_manifest):
-        path = Path(manifest_path)
-        if not path.exists():
+    return all(_intact(Path(p)) for p in (output.train_manifest, output.eval_manifest))
+
+
+def _intact(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        manifest = soft_labels.load_manifest(path)
+    except ValueError:
+        return False
+    for index, record in enumerate(manifest["shards"]):
+        done = soft_labels.finished_shard(path.parent, index)
+        if done is None or done["sha256"] != record["sha256"]:
             return False
-        try:
-            manifest = soft_labels.load_manifest(path)
-        except ValueError:
-            return False
-        for index, record in enumerate(manifest["shards"]):
-            done = soft_labels.finished_shard(path.parent, index)
-            if done is None or done["sha256"] != record["sha256"]:
-                return False
     return True
 
 
