@@ -73,6 +73,8 @@ def main() -> None:
     rollout_tokens = [r["tokens"] for r in rounds]
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        # 0: the engine core in the actor's process (stillhouse's CPU default); 1: vLLM's separate engine processes.
+        "vllm_enable_v1_multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
         "method": cfg.method, "sampler": cfg.sampler, "rounds": cfg.rounds, "prompts_per_round": cfg.prompts_per_round,
         "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "stage_total_s": round(total, 2),
         "per_round": [{"round": r["round"], **r["seconds"], "tokens": r["tokens"],

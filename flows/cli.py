@@ -61,6 +61,7 @@ def cmd_run(args) -> int:
     from flows.progress import StageProgress
     from tasks.ray_logs import ray_output_to
 
+    _restore_prefect_level()  # a run before this one in the same process quieted Prefect for its exit
     progress = StageProgress(enabled=False if args.no_progress else None)  # bars on a terminal only
     ray_was_running = _ray_running()  # a Ray this process already ran (a caller's, a test session's) is left alone
     with Console(config.data_dir, verbose=args.verbose, progress=progress) as console:
@@ -75,9 +76,27 @@ def cmd_run(args) -> int:
                 _shutdown_ray()
         # Keep the run.json path the last line: quiet Prefect's shutdown chatter (its temporary server logs
         # "Stopping temporary server" at exit), warnings still show.
-        logging.getLogger("prefect").setLevel(logging.WARNING)
+        _quiet_prefect_until_exit()
         console.finish(run_json)  # the summary (stderr), then the run.json path alone on stdout
     return 0
+
+
+_prefect_level_before_quiet: list[int] = []
+
+
+def _quiet_prefect_until_exit() -> None:
+    """Prefect's INFO lines off for the rest of the process (its temporary server says "Stopping" at exit)."""
+    logger = logging.getLogger("prefect")
+    _prefect_level_before_quiet.append(logger.level)
+    logger.setLevel(logging.WARNING)
+
+
+def _restore_prefect_level() -> None:
+    """Undo `_quiet_prefect_until_exit` for another run in this process (else its stages' "done" lines, INFO
+    records of prefect.task_runs, never reach the console)."""
+    if _prefect_level_before_quiet:
+        logging.getLogger("prefect").setLevel(_prefect_level_before_quiet[0])
+        _prefect_level_before_quiet.clear()
 
 
 def _ray_running() -> bool:

@@ -232,3 +232,22 @@ def test_cli_console_is_short_has_no_repeats_and_no_traceback(tiny_student, tmp_
     assert any(line.startswith("decision: ") for line in console) and "  exact_match" in "\n".join(console)
     log = (run_json.parent / "run.log").read_text()
     assert "TeacherReplica" in log and "train: step 2/2" in log, "the workers' lines are in the run log"
+
+
+def test_a_second_run_in_the_process_gets_prefect_info_records_again():
+    """After a run the CLI quiets Prefect for the process's exit; the next run in the same process (a notebook, a
+    test session) must get its INFO records back, or its stages' "done" lines never reach the console."""
+    from flows import cli
+
+    logger = logging.getLogger("prefect")
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        cli._quiet_prefect_until_exit()
+        assert not logger.isEnabledFor(logging.INFO)
+        cli._restore_prefect_level()
+        assert logger.isEnabledFor(logging.INFO) and logger.level == logging.INFO
+        cli._restore_prefect_level()  # nothing to undo: unchanged
+        assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(before)
