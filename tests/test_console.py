@@ -1,17 +1,15 @@
-"""The CLI console (flows/console.py): the summary read from run.json, what reaches the console and the run log, and
-(e2e) the CLI on tiny models: a short console, no line twice, no traceback, the run.json path last."""
+"""The CLI console (flows/console.py): the summary read from run.json, what reaches the console and the run log.
+The CLI's whole console on tiny models (short, no line twice, no traceback, the run.json path last) is checked on
+every `stillhouse run` of tests/test_formats_flow.py."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
-
-import pytest
 
 from flows.console import Console, notify_stage_started, render_summary
 from flows.progress import StageProgress
@@ -180,58 +178,6 @@ def test_ray_printer_registered_later_is_swapped_and_restored():
     dispatcher.emit({"pid": 1, "lines": ["y"]})
     dispatcher.remove_handler(ray_logs.RAY_PRINTER)
     assert [d["lines"] for d in sink] == [["x"]] and [d["lines"] for d in printer] == [["y"]]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The CLI on tiny models (the session's Prefect server and Ray, as tests/test_bad_inputs.py runs it).
-
-
-@pytest.mark.e2e
-def test_cli_console_is_short_has_no_repeats_and_no_traceback(tiny_student, tmp_path, capsys, prefect_server, ray_local):
-    import yaml
-
-    from flows.cli import main as cli_main
-    from tasks.demo import task as demo_task
-
-    splits = demo_task.generate(sizes={"train": 40, "validation": 1, "test": 40})
-    seen = {ex.prompt for ex in splits["train"]}
-    data = tmp_path / "dataset"
-    data.mkdir()
-    rows = {"train": [{"id": f"tr-{i}", "prompt": ex.prompt, "references": list(ex.references)} for i, ex in enumerate(splits["train"])],
-            "test": [{"id": f"te-{i}", "prompt": ex.prompt, "references": list(ex.references)}
-                     for i, ex in enumerate(splits["test"]) if ex.prompt not in seen][:8]}
-    for split, items in rows.items():
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    config = {
-        "data_dir": str(tmp_path / "data"), "data": {"source": str(data)},
-        "teacher": {"model": tiny_student, "top_k": 8, "max_new_tokens": 8, "engine": {"max_model_len": 128}},
-        "train": {"student": tiny_student, "steps": 2, "batch_size": 4},
-        "eval": {"max_new_tokens": 8, "engine": {"max_model_len": 128}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    saved = dict(os.environ)
-    try:
-        code = cli_main(["run", "--config", str(path), "--no-progress"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    captured = capsys.readouterr()
-    console = (captured.err + captured.out).splitlines()
-    (tmp_path / "console.txt").write_text(captured.err + captured.out)  # for a look after the test
-    assert code == 0, captured.err[-3000:]
-    run_json = Path(captured.out.strip())
-    assert captured.out == f"{run_json}\n" and console[-1] == str(run_json), "stdout is the run.json path alone, the last line"
-    assert len(console) <= 80, "\n".join(console)
-    repeated = [line for line, n in Counter(line for line in console if line.strip()).items() if n > 1]
-    assert not repeated, repeated
-    assert "Traceback" not in captured.err
-    for stage in ("prepare-data", "teacher-labels", "train-student", "evaluate", "gate-and-promote"):
-        assert any(stage in line and " started" in line for line in console), stage
-        assert any(stage in line and (" done in " in line or " reused in " in line) for line in console), stage
-    assert any(line.startswith("decision: ") for line in console) and "  exact_match" in "\n".join(console)
-    log = (run_json.parent / "run.log").read_text()
-    assert "TeacherReplica" in log and "train: step 2/2" in log, "the workers' lines are in the run log"
 
 
 def test_a_second_run_in_the_process_gets_prefect_info_records_again():

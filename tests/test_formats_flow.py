@@ -1,14 +1,18 @@
-"""A chat (`messages`, multi-turn) and an Alpaca dataset through `stillhouse run`, unchanged (issue 18).
+"""A chat (`messages`, multi-turn) and an Alpaca dataset through `stillhouse run`, unchanged (issue 18), and the
+console a person reads while it runs.
 
 The whole flow (real vLLM teacher and evaluator, Ray training, the session's Prefect server) on the tiny model
 with a chat template; the files are written as users have them and no format is configured (`data.format: auto`).
 Checked in what the flow wrote: the detected layout, the teacher's prompts token for token (history rendered with
-the chat template, the Alpaca fields in their template), and a promoted, registered student.
+the chat template, the Alpaca fields in their template), and a promoted, registered student. Checked on the
+console: at most 80 lines, no line twice, no traceback, a start and an end line per stage, the summary, and the
+run.json path alone on stdout as the last line (tests/test_console.py has the console's unit tests).
 """
 
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -59,7 +63,9 @@ def as_alpaca(examples) -> list[dict]:
             {"instruction": ex.prompt, "input": "", "output": ex.references[0]} for i, ex in enumerate(examples)]
 
 
-def run_cli(config: dict, tmp_path: Path) -> dict:
+def run_cli(config: dict, tmp_path: Path, capsys) -> dict:
+    """`stillhouse run --config` in this process (the session's Prefect server and Ray), environment restored;
+    checks the console it printed and returns run.json."""
     import yaml
 
     from flows.cli import main as cli_main
@@ -68,12 +74,31 @@ def run_cli(config: dict, tmp_path: Path) -> dict:
     path.write_text(yaml.safe_dump(config))
     saved = dict(os.environ)
     try:
-        assert cli_main(["run", "--config", str(path), "--no-progress"]) == 0
+        code = cli_main(["run", "--config", str(path), "--no-progress"])
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    (run_json,) = (tmp_path / "data" / "runs").glob("*/run.json")
-    return json.loads(run_json.read_text())
+    captured = capsys.readouterr()
+    (tmp_path / "console.txt").write_text(captured.err + captured.out)  # for a look after the test
+    assert code == 0, captured.err[-3000:]
+    check_console(captured)
+    return json.loads(Path(captured.out.strip()).read_text())
+
+
+def check_console(captured) -> None:
+    console = (captured.err + captured.out).splitlines()
+    run_json = Path(captured.out.strip())
+    assert captured.out == f"{run_json}\n" and console[-1] == str(run_json), "stdout is the run.json path alone, the last line"
+    assert len(console) <= 80, "\n".join(console)
+    repeated = [line for line, n in Counter(line for line in console if line.strip()).items() if n > 1]
+    assert not repeated, repeated
+    assert "Traceback" not in captured.err
+    for stage in ("prepare-data", "teacher-labels", "train-student", "evaluate", "gate-and-promote"):
+        assert any(stage in line and " started" in line for line in console), stage
+        assert any(stage in line and (" done in " in line or " reused in " in line) for line in console), stage
+    assert any(line.startswith("decision: ") for line in console) and "  exact_match" in "\n".join(console)
+    log = (run_json.parent / "run.log").read_text()
+    assert "TeacherReplica" in log and "train: step 2/2" in log, "the workers' lines are in the run log"
 
 
 def label_rows(manifest: str) -> list[dict]:
@@ -83,7 +108,7 @@ def label_rows(manifest: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", ["messages", "alpaca"])
-def test_dataset_runs_through_stillhouse_run_unchanged(layout, chat_student, tmp_path, prefect_server, ray_local):
+def test_dataset_runs_through_stillhouse_run_unchanged(layout, chat_student, tmp_path, capsys, prefect_server, ray_local):
     from tasks.models import load_tokenizer
     from tasks.prompting import chat_prompt
 
@@ -102,7 +127,7 @@ def test_dataset_runs_through_stillhouse_run_unchanged(layout, chat_student, tmp
         "train": {"student": chat_student, "steps": 2, "batch_size": 4},
         "eval": {"max_new_tokens": 8, "engine": engine},
         "promotion": {"gate": {"rules": [{"metric": "exact_match", "kind": "absolute", "threshold": 0.0}]}},
-    }, tmp_path)
+    }, tmp_path, capsys)
 
     assert run["status"] == "completed" and run["data_checks"]["format"] == layout
     assert run["decision"]["promoted"] is True and Path(run["student_checkpoint"]).is_dir()

@@ -227,6 +227,11 @@ def test_api_onpolicy_run_killed_between_and_during_rounds_then_ui_retry_resumes
     (folder,) = [p.parent for p in (data / "cache" / "onpolicy").glob("*/rounds.jsonl")]
     rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
     assert [r["policy_version"] for r in rounds] == [0, 1, 2], "one record per round, each round once"
+    assert all(r["rollouts"] == 4 and r["reverse_kl"] >= 0 and abs(r["logprob_mismatch_max"]) < 1e-3 for r in rounds)
+    # MiniLLM's teacher-mixed sampling (exact, lockstep), recorded in the stage's metadata; mixing shows in the weights.
+    meta = json.loads((folder / "onpolicy_meta.json").read_text())
+    assert meta["sampler"] == "teacher_mixed_hf" and meta["alpha"] == 0.2
+    assert any(r["importance_weight_min"] < 1.0 or r["importance_weight_mean"] != 1.0 for r in rounds)
     # After the first kill round 1 was skipped; after the second, rounds 1-2 were, and round 3 reused its rollouts.
     assert logs.count("onpolicy: round 1/3 already complete") == 2 and logs.count("onpolicy: round 2/3 already complete") == 1
     assert "onpolicy: round 3/3 policy v2" in logs and "(rollouts reused)" in logs

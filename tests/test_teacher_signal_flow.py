@@ -1,0 +1,89 @@
+"""Issue 16's modes through the whole flow with real stages (vLLM student and teachers, Ray training, the Prefect
+test server): lazy labelling (select), and two teachers kept as a pair for dynamic teacher adoption. Two runs share
+one data folder; what each run trained on is checked in the files it wrote."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_student, tmp_path_factory):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tasks.demo import task as demo_task
+    from tasks.models import load_tokenizer, save_pretrained_atomic
+
+    root = tmp_path_factory.mktemp("teacher_signal")
+    second = root / "second-teacher"  # another model with the student's tokenizer
+    model = LlamaForCausalLM.from_pretrained(tiny_student)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_pretrained_atomic(model, load_tokenizer(tiny_student), second)
+    splits = demo_task.generate(sizes={"train": 24, "validation": 1, "test": 40})
+    seen = {ex.prompt for ex in splits["train"]}
+    data = root / "dataset"
+    data.mkdir()
+    rows = {"train": [{"id": f"tr-{i}", "prompt": ex.prompt, "references": list(ex.references)} for i, ex in enumerate(splits["train"])],
+            "test": [{"id": f"te-{i}", "prompt": ex.prompt, "references": list(ex.references)}
+                     for i, ex in enumerate(splits["test"]) if ex.prompt not in seen][:6]}
+    for split, items in rows.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return {"model": tiny_student, "second": str(second), "data": str(data), "data_dir": str(root / "data"), "rows": rows}
+
+
+def run(workspace, name: str, **sections) -> dict:
+    from flows.distill import distill
+    from tasks.config import PipelineConfig
+
+    engine = {"max_model_len": 128}
+    config = {"data_dir": workspace["data_dir"], "run_name": name, "data": {"source": workspace["data"]},
+              "teacher": {"model": workspace["model"], "top_k": 8, "max_new_tokens": 6, "shard_rows": 8, "engine": engine},
+              "train": {"student": workspace["model"], "steps": 2, "batch_size": 4, "objective": "fkl+ce"},
+              "eval": {"max_new_tokens": 6, "engine": engine},
+              "promotion": {"gate": {"rules": [{"metric": "rouge_l", "kind": "absolute", "threshold": 0.0}]}}, **sections}
+    run_json = json.loads(Path(distill(PipelineConfig.model_validate(config))).read_text())
+    assert run_json["status"] == "completed", run_json
+    return run_json
+
+
+def manifest_of(run_json: dict) -> tuple[dict, list[dict]]:
+    from storage import soft_labels
+
+    path = run_json["soft_labels_manifest"]
+    return soft_labels.load_manifest(path), list(soft_labels.read(path))
+
+
+def test_modes_run_through_the_flow(workspace, prefect_server, ray_local):
+    # 1. Lazy labelling: the student scores the 24 prompts, the teacher labels the most uncertain half, the other
+    #    half trains with cross-entropy on its reference.
+    selected = run(workspace, "select", select={"enabled": True, "fraction": 0.5, "top_k": 8, "max_new_tokens": 6,
+                                                "engine": {"max_model_len": 128}})
+    meta, rows = manifest_of(selected)
+    teacher_rows = {r["example_id"] for r in rows if r["response_source"] == "teacher_sample"}
+    assert len(rows) == 24 and len(teacher_rows) == 12 and meta["metadata"]["selection"]["rows_without_teacher_labels"] == 12
+    from tasks.select.selection import load_selection
+
+    selection, table = load_selection(meta["metadata"]["selection"]["manifest"])
+    assert teacher_rows == {r["example_id"] for r in table if r["selected"]}, "the teacher labelled exactly the chosen prompts"
+    assert selection["teacher_tokens_saved"] > 0
+
+    # 2. Two teachers kept as a pair; the student routes each example by its own uncertainty (hard).
+    paired = run(workspace, "dynamic-teacher", teachers=[{"model": workspace["second"], "top_k": 8}],
+                 train={"student": workspace["model"], "steps": 2, "batch_size": 4, "objective": "fkl+ce", "dynamic_teacher": "hard"})
+    meta, rows = manifest_of(paired)
+    assert meta["metadata"]["pair"] and len(rows) == 24
+    steps = [json.loads(line) for line in Path(paired["train_log"]).read_text().splitlines()]
+    assert any(any("small" in key for key in step) for step in steps), "no step logged the small teacher's share"
+
+    # The second teacher's capture (it teacher-forces the main teacher's responses) is cached for later runs; the
+    # mean-merge mode is exact against a dense reference in tests/test_dynamic_kd_flow.py (same stage, same flow
+    # step as the pair), left out here to keep the suite short.
+    members = Path(workspace["data_dir"]) / "cache" / "ensemble" / "members"
+    assert len(list(members.iterdir())) == 1, list(members.iterdir())
