@@ -174,3 +174,56 @@ def test_flatten_pipeline_config():
 
 def test_training_curve_missing_log():
     assert training_curve(None) == [] and training_curve("/nonexistent/train_log.jsonl") == []
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of a W&B run file (wandb >= 0.18 has no Python reader): a 7-byte file header, then a LevelDB-style
+    log of 32 KiB blocks whose chunks (4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last)
+    carry serialised `Record` protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, payload, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def test_wandb_offline_run_holds_params_curve_metrics_and_report(tmp_path):
+    """tracking.backend wandb without an account: an offline run under <data_dir>/wandb, read back from its file."""
+    pytest.importorskip("wandb")
+
+    data_dir = tmp_path / "data"
+    run_json = fabricate_run(data_dir, "run-1", "v0001", True, 0.6)
+    result = track_run(TrackingConfig(backend="wandb", experiment="kd"), data_dir, run_json,
+                       {"train": {"steps": 3, "objective": "fkl+ce"}})
+    assert "error" not in result, result
+    (run_dir,) = (data_dir / "wandb" / "wandb").glob(f"offline-run-*-{result['run_id']}")
+    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+
+    def items(update):
+        return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in update}
+
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.project == "kd" and run.run_id == result["run_id"]
+    config = items(run.config.update)
+    assert config["train.steps"] == "3" and config["train.objective"] == "fkl+ce"
+    history = [items(r.history.item) for r in records if r.HasField("history")]
+    assert [(h["_step"], h["train/loss"]) for h in history] == [(1, 3.0), (2, 2.4), (3, 2.0)], "one point per step"
+    assert "train/elapsed_s" not in history[0]
+    summary = {}
+    for r in records:
+        if r.HasField("summary"):
+            summary.update(items(r.summary.update))
+    assert summary["eval/student/exact_match"] == 0.6 and summary["eval/student/exact_match/ci_low"] == pytest.approx(0.55)
+    assert summary["gate/promoted"] == 1
+    assert [r.artifact.type for r in records if r.HasField("artifact")] == ["report"]
