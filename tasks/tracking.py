@@ -317,7 +317,8 @@ def _wandb_track(cfg: TrackingConfig, data_dir, run: Mapping, files: _RunFiles, 
 
     folder = Path(data_dir).expanduser().resolve() / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
-    settings = wandb.Settings(base_url=cfg.uri) if cfg.uri else None
+    # silent: no run summary on the console (the CLI's console stays short); console off: stdout is not captured.
+    settings = wandb.Settings(silent=True, console="off", **({"base_url": cfg.uri} if cfg.uri else {}))
     wb = wandb.init(project=cfg.experiment, name=run.get("run_name"), config=params, dir=str(folder),
                     mode="online" if cfg.uri else "offline", settings=settings)
     try:

@@ -198,7 +198,7 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_offline_run_holds_params_curve_metrics_and_report(tmp_path):
+def test_wandb_offline_run_holds_params_curve_metrics_and_report(tmp_path, capfd):
     """tracking.backend wandb without an account: an offline run under <data_dir>/wandb, read back from its file."""
     pytest.importorskip("wandb")
 
@@ -207,6 +207,8 @@ def test_wandb_offline_run_holds_params_curve_metrics_and_report(tmp_path):
     result = track_run(TrackingConfig(backend="wandb", experiment="kd"), data_dir, run_json,
                        {"train": {"steps": 3, "objective": "fkl+ce"}})
     assert "error" not in result, result
+    printed = capfd.readouterr()
+    assert "wandb:" not in printed.out + printed.err, "W&B's own run summary would swamp the CLI's short console"
     (run_dir,) = (data_dir / "wandb" / "wandb").glob(f"offline-run-*-{result['run_id']}")
     records = read_wandb_records(next(run_dir.glob("*.wandb")))
 
