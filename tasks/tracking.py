@@ -331,6 +331,9 @@ def _wandb_track(cfg: TrackingConfig, data_dir, run: Mapping, files: _RunFiles, 
         wb.log_artifact(artifact)
     finally:
         wb.finish()
+        # finish() returns before W&B's service has written everything: in a long-lived process (a notebook, a
+        # test session) the offline run file stayed incomplete until the process exited. teardown() waits for it.
+        wandb.teardown()
     return {"run_id": wb.id, "url": wb.url if cfg.uri else None, "tracking_uri": cfg.uri or str(folder)}
 
 

@@ -211,6 +211,7 @@ def test_wandb_offline_run_holds_params_curve_metrics_and_report(tmp_path, capfd
     assert "wandb:" not in printed.out + printed.err, "W&B's own run summary would swamp the CLI's short console"
     (run_dir,) = (data_dir / "wandb" / "wandb").glob(f"offline-run-*-{result['run_id']}")
     records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    assert records and records[-1].WhichOneof("record_type") == "exit", "the run file is complete when track_run returns"
 
     def items(update):
         return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in update}
