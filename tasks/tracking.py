@@ -27,6 +27,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -319,6 +320,8 @@ def _wandb_track(cfg: TrackingConfig, data_dir, run: Mapping, files: _RunFiles, 
     folder.mkdir(parents=True, exist_ok=True)
     # silent: no run summary on the console (the CLI's console stays short); console off: stdout is not captured.
     settings = wandb.Settings(silent=True, console="off", **({"base_url": cfg.uri} if cfg.uri else {}))
+    # W&B's Weave hook advertises itself when openai is imported (vLLM imports it); we trace no LLM calls.
+    os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
     wb = wandb.init(project=cfg.experiment, name=run.get("run_name"), config=params, dir=str(folder),
                     mode="online" if cfg.uri else "offline", settings=settings)
     try:
