@@ -95,6 +95,39 @@ def prompts(tiny_student):
              "references": list(ex.references)} for i, ex in enumerate(examples)]
 
 
+def perturbed_copy(model_dir: str, out_dir, *, seed: int, scale: float) -> str:
+    """Another model with `model_dir`'s tokenizer: its weights plus seeded Gaussian noise (a second teacher)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tasks.models import load_tokenizer, save_pretrained_atomic
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    save_pretrained_atomic(model, load_tokenizer(model_dir), out_dir)
+    return str(out_dir)
+
+
+def write_demo_dataset(folder, *, n_train: int, n_test_drawn: int, n_test: int) -> dict[str, list[dict]]:
+    """train.jsonl / test.jsonl of demo prompts (id, prompt, references), the test prompts unseen in training."""
+    import json
+
+    from tasks.demo import task
+
+    splits = task.generate(sizes={"train": n_train, "validation": 1, "test": n_test_drawn})
+    seen = {ex.prompt for ex in splits["train"]}
+    rows = {"train": [{"id": f"tr-{i}", "prompt": ex.prompt, "references": list(ex.references)} for i, ex in enumerate(splits["train"])],
+            "test": [{"id": f"te-{i}", "prompt": ex.prompt, "references": list(ex.references)}
+                     for i, ex in enumerate(splits["test"]) if ex.prompt not in seen][:n_test]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return rows
+
+
 # Test tiers. `make test-fast` runs `-m "not integration and not e2e"`. A test that needs a real Ray cluster or a
 # Prefect server (through these fixtures) is integration; files that run the flow or the stack end to end mark
 # themselves `e2e`, and tests that start vLLM or Ray in a subprocess mark themselves `integration`.

@@ -87,19 +87,12 @@ def test_missing_config_file(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_student):
     """A dataset folder with disjoint train/test prompts, and the tiny model as both teacher and student."""
-    from tasks.demo import task
+    from tests.conftest import write_demo_dataset
 
     root = tmp_path_factory.mktemp("bad-inputs")
-    splits = task.generate(sizes={"train": 60, "validation": 1, "test": 60})
-    train_prompts = {ex.prompt for ex in splits["train"]}
     data = root / "data"
-    data.mkdir()
-    rows = {"train": [{"id": f"tr-{i}", "prompt": ex.prompt, "references": list(ex.references)} for i, ex in enumerate(splits["train"])],
-            "test": [{"id": f"te-{i}", "prompt": ex.prompt, "references": list(ex.references)}
-                     for i, ex in enumerate(splits["test"]) if ex.prompt not in train_prompts][:10]}
+    rows = write_demo_dataset(data, n_train=60, n_test_drawn=60, n_test=10)
     assert len(rows["test"]) >= 5
-    for split, items in rows.items():
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
     return {"root": root, "data": data, "rows": rows, "model": tiny_student}
 
 

@@ -38,19 +38,13 @@ print("RESULT " + out.model_dump_json(), flush=True)
 def _setup(tmp_path, tiny_student, prompts):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from transformers import LlamaForCausalLM
 
     from storage.atomic import sha256_file
-    from tasks.models import load_tokenizer, save_pretrained_atomic
+    from tests.conftest import perturbed_copy
 
     teacher_dir = tmp_path / "teacher"
     if not teacher_dir.exists():
-        model = LlamaForCausalLM.from_pretrained(tiny_student)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-        save_pretrained_atomic(model, load_tokenizer(tiny_student), teacher_dir)
+        perturbed_copy(tiny_student, teacher_dir, seed=1, scale=0.5)
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist(prompts), path)
     return {"student_dir": tiny_student, "teacher_dir": str(teacher_dir),

@@ -12,30 +12,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 @pytest.fixture(scope="module")
 def workspace(tiny_student, tmp_path_factory):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from tasks.demo import task as demo_task
-    from tasks.models import load_tokenizer, save_pretrained_atomic
+    from tests.conftest import perturbed_copy, write_demo_dataset
 
     root = tmp_path_factory.mktemp("teacher_signal")
-    second = root / "second-teacher"  # another model with the student's tokenizer
-    model = LlamaForCausalLM.from_pretrained(tiny_student)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    save_pretrained_atomic(model, load_tokenizer(tiny_student), second)
-    splits = demo_task.generate(sizes={"train": 24, "validation": 1, "test": 40})
-    seen = {ex.prompt for ex in splits["train"]}
+    second = perturbed_copy(tiny_student, root / "second-teacher", seed=2, scale=0.3)  # the student's tokenizer
     data = root / "dataset"
-    data.mkdir()
-    rows = {"train": [{"id": f"tr-{i}", "prompt": ex.prompt, "references": list(ex.references)} for i, ex in enumerate(splits["train"])],
-            "test": [{"id": f"te-{i}", "prompt": ex.prompt, "references": list(ex.references)}
-                     for i, ex in enumerate(splits["test"]) if ex.prompt not in seen][:6]}
-    for split, items in rows.items():
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    return {"model": tiny_student, "second": str(second), "data": str(data), "data_dir": str(root / "data"), "rows": rows}
+    rows = write_demo_dataset(data, n_train=24, n_test_drawn=40, n_test=6)
+    return {"model": tiny_student, "second": second, "data": str(data), "data_dir": str(root / "data"), "rows": rows}
 
 
 def run(workspace, name: str, **sections) -> dict:
