@@ -466,9 +466,9 @@ def _check_dynamic_kd_config(config: "PipelineConfig") -> None:
     if select.enabled:
         if config.teachers:
             raise ValueError("select.enabled with `teachers:` is not supported yet: use one or the other")
-        if select.unlabelled == "ce" and (train.packing or train.fused_head):
-            raise ValueError("select.unlabelled=ce trains cross-entropy-only shards, which train.packing and "
-                             "train.fused_head do not support yet; set them false or select.unlabelled=none")
+        if select.unlabelled == "ce" and train.fused_head:
+            raise ValueError("select.unlabelled=ce trains cross-entropy-only shards, which train.fused_head does not "
+                             "support yet; set train.fused_head=false or select.unlabelled=none")
         if select.unlabelled == "ce" and config.data.reference_field is None and config.data.format == "prompt":
             raise ValueError("select.unlabelled=ce needs references (data.reference_field); set it or select.unlabelled=none")
 

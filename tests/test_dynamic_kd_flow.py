@@ -297,8 +297,9 @@ def test_config_refuses_combinations_before_any_compute():
         load_config(None, {"train.dynamic_teacher": "hard", "train.objective": "ce", "teachers": [{"model": "demo-small"}]})
     with pytest.raises(ConfigError, match="fused_head does not support"):
         load_config(None, {"train.uncertainty_weighting": True, "train.fused_head": True})
-    with pytest.raises(ConfigError, match="packing"):
-        load_config(None, {"select.enabled": True, "train.packing": True})
+    with pytest.raises(ConfigError, match="fused_head does not"):
+        load_config(None, {"select.enabled": True, "train.fused_head": True})
+    assert load_config(None, {"select.enabled": True, "train.packing": True}).train.packing  # packed kd_rows: test_packing
     with pytest.raises(ConfigError, match="route_column"):
         load_config(None, {"teachers": [{"model": "demo-small"}], "ensemble.mode": "route"})
     ok = load_config(None, {"select.enabled": True, "select.fraction": 0.3, "train.uncertainty_weighting": True})

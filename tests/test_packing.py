@@ -146,3 +146,48 @@ def test_training_packed_gives_the_padded_weights_and_logs_padding_waste(tiny_st
 
     records = list(soft_labels.read(tiny_labels))[:8]
     assert collate_packed(records, 0, 8, max_tokens=24)["input_ids"].shape[0] < 8
+
+
+@pytest.mark.parametrize("loss", ["uncertainty_weighted", "dynamic_hard", "dynamic_soft", "dynamic_soft_instance",
+                                  "teacher_masked"])
+def test_per_example_losses_on_a_packed_batch_equal_padded(loss):
+    """Dynamic KD's per-example uncertainty and routing, and lazy labelling's kd_rows, read the examples from the
+    packed batch's segments: the same loss, routing and gradients as one padded row per example."""
+    from tasks.objectives.weighting import DynamicTeacher, TeacherMasked, UncertaintyWeighted
+    from tasks.train.loop import student_loss, with_label_extras
+
+    model = tiny_model("llama", "sdpa")
+    records = varied_records()
+    # a second teacher's labels of the same tokens, and lazy labelling's flag, as the loop's readers attach them
+    for i, r in enumerate(records):
+        other = record(len(r["prompt_ids"]), len(r["response_ids"]), 97, seed=100 + i)
+        r["small"] = {key: other[key] for key in ("topk_ids", "topk_logprobs", "tail_logmass")}
+        if loss == "teacher_masked":
+            r["teacher_labels"] = i % 3 != 1
+    base = build_objective("fkl+ce")
+    objective = {"uncertainty_weighted": UncertaintyWeighted(base), "teacher_masked": TeacherMasked(UncertaintyWeighted(base))}.get(
+        loss) or DynamicTeacher(base, loss.removeprefix("dynamic_"))
+    dynamic = isinstance(objective, DynamicTeacher)
+    runs = []
+    for collate_fn in (collate, collate_packed):
+        batch = collate_fn(records, 0, K)
+        if dynamic or loss == "teacher_masked":
+            use = records if dynamic else [{k: v for k, v in r.items() if k != "small"} for r in records]
+            batch = with_label_extras(batch, use, 0, K, collate_fn)
+        model.zero_grad()
+        value = student_loss(model, objective, batch, int(batch["mask"].sum()))
+        value.backward()
+        per_example = objective.last_small_weight if dynamic else getattr(objective, "last_weights", None)
+        if loss == "teacher_masked":
+            per_example = objective.objective.last_weights
+        runs.append((value.detach(), per_example.clone(), dict(objective.last_parts),
+                     {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (la, wa, pa, ga), (lb, wb, pb, gb) = runs
+    assert "segments" in collate_packed(records, 0, K) and len(collate_packed(records, 0, K)["input_ids"]) < len(records)
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)  # per example, in record order
+    assert pb.keys() == pa.keys() and all(abs(pb[n] - pa[n]) < 1e-5 for n in pa)
+    if loss == "dynamic_hard":
+        assert sorted(wa.tolist()) == [0.0] * 4 + [1.0] * 3  # the uncertain half (3 of 7) to the small teacher
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -21,6 +21,10 @@ its valid response tokens (`granularity="example"`), or kept per token
   w_small = mean_batch(u), w_large = 1 − w_small; `soft_instance` by u per
   example. Unlike the released code (which gives each half its own batch mean)
   every token keeps the same 1/num_valid_tokens weight.
+
+An "example" is a row of a padded batch, or, in a packed batch (tasks/train/packing.py,
+several sequences per row), the sequence that ``segments`` [B, T] names at each position;
+every per-example quantity (u, the routing, ``kd_rows``) is then indexed by that sequence.
 """
 
 from __future__ import annotations
@@ -62,15 +66,35 @@ def normalised_entropy(student_logits: Tensor, mask: Tensor) -> Tensor:
     return (out / math.log(vocab) if vocab > 1 else out * 0).reshape(lead)
 
 
-def example_uncertainty(student_logits: Tensor, mask: Tensor) -> Tensor:
-    """u per example [B]: the mean normalised entropy over its valid positions (0 for an empty row)."""
-    ent = normalised_entropy(student_logits, mask)
-    m = mask.bool().to(ent.dtype)
-    return (ent * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+def example_index(mask: Tensor, segments: Tensor | None = None) -> tuple[Tensor, int]:
+    """(example of each position [B, T], number of examples): the row of a padded batch (``segments`` None),
+    else ``segments`` (a packed batch's sequence index per position; any value where ``mask`` is False)."""
+    if segments is None:
+        rows = mask.shape[0]
+        return torch.arange(rows, device=mask.device)[:, None].expand(mask.shape), rows
+    if segments.shape != mask.shape:
+        raise ValueError(f"segments shape {tuple(segments.shape)} != mask shape {tuple(mask.shape)}")
+    index = torch.where(mask.bool(), segments.to(mask.device), 0)
+    return index, int(index.max()) + 1 if index.numel() else 0
+
+
+def per_example_mean(values: Tensor, mask: Tensor, segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(mean of ``values`` over each example's valid positions [E] (0 for none), valid positions per example [E])."""
+    index, count = example_index(mask, segments)
+    valid = mask.bool()
+    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, index[valid], values[valid])
+    tokens = torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(
+        0, index[valid], torch.ones_like(values[valid]))
+    return sums / tokens.clamp_min(1.0), tokens
+
+
+def example_uncertainty(student_logits: Tensor, mask: Tensor, segments: Tensor | None = None) -> Tensor:
+    """u per example [E]: the mean normalised entropy over its valid positions (0 for an empty one)."""
+    return per_example_mean(normalised_entropy(student_logits, mask), mask, segments)[0]
 
 
 def uncertainty_weights(student_logits: Tensor, mask: Tensor, granularity: str = "example",
-                        mode: str = "entropy") -> Tensor:
+                        mode: str = "entropy", segments: Tensor | None = None) -> Tensor:
     """Per-position KD weights [B, T] (detached): u of the example (or of the token), or 1 − u."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity {granularity!r} is not one of {GRANULARITIES}")
@@ -79,7 +103,7 @@ def uncertainty_weights(student_logits: Tensor, mask: Tensor, granularity: str =
     if granularity == "token":
         u = normalised_entropy(student_logits, mask)
     else:
-        u = example_uncertainty(student_logits, mask)[:, None].expand(mask.shape)
+        u = example_uncertainty(student_logits, mask, segments)[example_index(mask, segments)[0]]
     return u if mode == "entropy" else 1.0 - u
 
 
@@ -95,11 +119,12 @@ def split_terms(objective: Objective) -> tuple[Objective | None, Objective | Non
 
 
 class UncertaintyWeighted:
-    """``weighted(student_logits, labels, mask, num_valid_tokens=None, weights=None)``.
+    """``weighted(student_logits, labels, mask, num_valid_tokens=None, weights=None, segments=None)``.
 
     Returns Σ_valid w_t · (teacher terms)_t / num_valid_tokens + (target terms), where w are the
     student's uncertainty weights (``uncertainty_weights``) unless ``weights`` [B, T] are given.
     ``last_parts`` and ``last_weights`` (per example mean) hold the most recent call's values.
+    ``segments``: a packed batch's sequence index per position (see the module docstring).
     """
 
     def __init__(self, objective: Objective, granularity: str = "example", mode: str = "entropy"):
@@ -126,14 +151,15 @@ class UncertaintyWeighted:
         return f"UncertaintyWeighted({self.objective!r}, granularity={self.granularity!r}, mode={self.mode!r})"
 
     def __call__(self, student_logits: Tensor, labels: SparseLabels, mask: Tensor,
-                 num_valid_tokens: int | float | Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+                 num_valid_tokens: int | float | Tensor | None = None, weights: Tensor | None = None,
+                 segments: Tensor | None = None) -> Tensor:
         mask = mask.bool()
         if weights is None:
-            weights = uncertainty_weights(student_logits, mask, self.granularity, self.mode)
+            weights = uncertainty_weights(student_logits, mask, self.granularity, self.mode, segments)
         elif weights.shape != mask.shape:
             raise ValueError(f"weights shape {tuple(weights.shape)} != mask shape {tuple(mask.shape)}")
         weights = weights.detach()
-        self.last_weights = (weights * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        self.last_weights = per_example_mean(weights, mask, segments)[0]
         self._w = weights.reshape(-1)[mask.reshape(-1)]
         try:
             return self._inner(student_logits, labels, mask, num_valid_tokens)
@@ -142,11 +168,12 @@ class UncertaintyWeighted:
 
 
 class DynamicTeacher:
-    """``dynamic(student_logits, small, large, mask, num_valid_tokens=None)``: KD from two teachers routed by u.
+    """``dynamic(student_logits, small, large, mask, num_valid_tokens=None, segments=None)``: KD from two teachers
+    routed by u.
 
     ``small``/``large`` are the two teachers' SparseLabels of the same response tokens. The
     objective's teacher terms are applied per teacher with the mode's weights; its target
-    terms (``ce``) once, on the small teacher's ``target_ids``. ``last_small_weight`` [B]
+    terms (``ce``) once, on the small teacher's ``target_ids``. ``last_small_weight`` [E]
     is each example's weight on the small teacher (1/0 in hard mode).
     """
 
@@ -162,10 +189,10 @@ class DynamicTeacher:
         self.last_small_weight: Tensor | None = None
         self.last_parts: dict[str, float] = {}
 
-    def small_weights(self, student_logits: Tensor, mask: Tensor) -> Tensor:
-        """Per-example weight [B] on the small teacher (the large one gets 1 − it)."""
-        u = example_uncertainty(student_logits, mask)
-        present = mask.bool().any(-1)
+    def small_weights(self, student_logits: Tensor, mask: Tensor, segments: Tensor | None = None) -> Tensor:
+        """Per-example weight [E] on the small teacher (the large one gets 1 − it)."""
+        u, tokens = per_example_mean(normalised_entropy(student_logits, mask), mask, segments)
+        present = tokens > 0
         if self.mode == "soft_instance":
             return u
         if self.mode == "soft":
@@ -177,24 +204,24 @@ class DynamicTeacher:
         return w
 
     def __call__(self, student_logits: Tensor, small: SparseLabels, large: SparseLabels, mask: Tensor,
-                 num_valid_tokens: int | float | Tensor | None = None) -> Tensor:
+                 num_valid_tokens: int | float | Tensor | None = None, segments: Tensor | None = None) -> Tensor:
         mask = mask.bool()
         if small.target_ids is not None and large.target_ids is not None and \
                 not torch.equal(small.target_ids[mask], large.target_ids[mask]):
             raise ValueError("the two teachers' labels are for different response tokens; "
                              "dynamic teacher adoption needs both teachers to score the same responses")
         n = mask.sum() if num_valid_tokens is None else num_valid_tokens  # global count, whatever the routing
-        w_small = self.small_weights(student_logits, mask)
+        w_small = self.small_weights(student_logits, mask, segments)
         self.last_small_weight = w_small
+        w = w_small[example_index(mask, segments)[0]]  # [B, T]
         parts: dict[str, float] = {}
         if self.mode == "hard":  # each example sees one teacher: compute only its rows
-            to_small = mask & (w_small > 0.5)[:, None]
+            to_small = mask & (w > 0.5)
             loss = self._kd(student_logits, small, to_small, n)
             parts.update({f"small/{k}": v for k, v in self._kd.last_parts.items()})
             loss = loss + self._kd(student_logits, large, mask & ~to_small, n)
             parts.update({f"large/{k}": v for k, v in self._kd.last_parts.items()})
         else:
-            w = w_small[:, None].expand(mask.shape)
             loss = self._weighted(student_logits, small, mask, n, weights=w)
             parts.update({f"small/{k}": v for k, v in self._weighted.last_parts.items()})
             loss = loss + self._weighted(student_logits, large, mask, n, weights=1.0 - w)
@@ -219,8 +246,8 @@ class TeacherMasked:
     """``masked(student_logits, labels, mask, num_valid_tokens=None, kd_rows=None)``: the objective on rows with
     teacher labels, cross-entropy on the others (lazy labelling: unselected prompts train on their reference).
 
-    kd_rows [B] (bool) says which rows hold teacher labels; None means all do, and the result is the objective
-    alone. Both parts share one denominator (the global count of valid tokens, all rows), so a row's loss does not
+    kd_rows [E] (bool) says which examples hold teacher labels (rows of a padded batch, or the sequences that
+    ``segments`` names in a packed one); None means all do, and the result is the objective alone. Both parts share one denominator (the global count of valid tokens, all rows), so a row's loss does not
     depend on which other rows have labels. ``last_parts`` always holds the objective's parts plus
     ``ce_no_teacher`` (same keys every call, as the loop's all-reduce of the parts needs).
     """
@@ -238,13 +265,15 @@ class TeacherMasked:
         return f"TeacherMasked({self.objective!r})"
 
     def __call__(self, student_logits: Tensor, labels: SparseLabels, mask: Tensor,
-                 num_valid_tokens: int | float | Tensor | None = None, kd_rows: Tensor | None = None) -> Tensor:
+                 num_valid_tokens: int | float | Tensor | None = None, kd_rows: Tensor | None = None,
+                 segments: Tensor | None = None) -> Tensor:
         mask = mask.bool()
         n = mask.sum() if num_valid_tokens is None else num_valid_tokens
-        if kd_rows is None:
-            kd_rows = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-        kd_mask = mask & kd_rows.bool().to(mask.device)[:, None]
-        loss = self.objective(student_logits, labels, kd_mask, n)
+        kd_mask = mask if kd_rows is None else mask & kd_rows.bool().to(mask.device)[example_index(mask, segments)[0]]
+        if isinstance(self.objective, UncertaintyWeighted):
+            loss = self.objective(student_logits, labels, kd_mask, n, segments=segments)
+        else:
+            loss = self.objective(student_logits, labels, kd_mask, n)
         parts = dict(self.objective.last_parts)
         loss = loss + self._ce(student_logits, labels, mask & ~kd_mask, n)
         parts[NO_TEACHER_PART] = self._ce.last_parts["ce"]

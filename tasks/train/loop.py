@@ -99,9 +99,9 @@ def build_loss(cfg, manifest_has_no_teacher_rows: bool):
     from tasks.objectives.weighting import DynamicTeacher, TeacherMasked, UncertaintyWeighted
 
     objective = build_objective(cfg.objective, support=cfg.support, temperature=cfg.temperature, **cfg.objective_params)
-    if (cfg.dynamic_teacher != "off" or manifest_has_no_teacher_rows) and (cfg.packing or cfg.fused_head):
-        raise ValueError("train.packing and train.fused_head do not support train.dynamic_teacher or label sets with "
-                         "rows without teacher labels; set them false")
+    if (cfg.dynamic_teacher != "off" or manifest_has_no_teacher_rows) and cfg.fused_head:
+        raise ValueError("train.fused_head does not support train.dynamic_teacher or label sets with rows without "
+                         "teacher labels; set train.fused_head=false")
     if cfg.uncertainty_weighting:
         objective = UncertaintyWeighted(objective)
     if cfg.dynamic_teacher != "off":
@@ -118,17 +118,23 @@ def student_loss(model, objective, mb: dict[str, torch.Tensor], num_valid_tokens
     With ``fused`` (a FusedHead) no logits are built: the loss is computed from the final hidden states
     and the lm-head weight in vocabulary blocks; same value and gradients."""
     from tasks.objectives import SparseLabels
+    from tasks.objectives.weighting import DynamicTeacher, TeacherMasked, UncertaintyWeighted
     from tasks.train.batches import model_inputs
 
     labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
     if fused is None:
         logits = model(**model_inputs(mb)).logits[:, :-1]
+        # per-example losses read a packed batch's examples from its segments (rows of a padded one)
+        per_example = {"segments": mb["segments"]} if "segments" in mb else {}
         if "small_ids" in mb:  # train.dynamic_teacher: the small teacher's labels of the same tokens (DynamicTeacher)
             small = SparseLabels(ids=mb["small_ids"], logprobs=mb["small_logprobs"], tail_logmass=mb["small_tail_logmass"],
                                  target_ids=mb["target_ids"])
-            return objective(logits, small, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+            return objective(logits, small, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **per_example)
         if "kd_rows" in mb:  # rows without teacher labels: cross-entropy only (TeacherMasked)
-            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, kd_rows=mb["kd_rows"])
+            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, kd_rows=mb["kd_rows"],
+                             **per_example)
+        if isinstance(objective, (UncertaintyWeighted, DynamicTeacher, TeacherMasked)):
+            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **per_example)
         return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
     out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=_NO_LOGITS.to(mb["input_ids"].device))
     core = model.module if hasattr(model, "module") else model  # DDP
@@ -142,15 +148,17 @@ def stream_has_no_teacher_rows(config: LoopConfig) -> bool:
     return any(s.get("teacher_labels") is False for s in soft_labels.load_manifest(config.manifest)["shards"])
 
 
-def with_label_extras(mb: dict[str, torch.Tensor], records: list[dict[str, Any]], pad_id: int, k: int) -> dict[str, torch.Tensor]:
-    """Add what the lazy-labelling and dynamic-teacher losses read: kd_rows [B] (rows with teacher labels) and the
-    small teacher's labels (small_ids, small_logprobs, small_tail_logmass), both in the padded layout."""
+def with_label_extras(mb: dict[str, torch.Tensor], records: list[dict[str, Any]], pad_id: int, k: int,
+                      collate=None) -> dict[str, torch.Tensor]:
+    """Add what the lazy-labelling and dynamic-teacher losses read: kd_rows [len(records)] (records with teacher
+    labels) and the small teacher's labels (small_ids, small_logprobs, small_tail_logmass) in the layout of
+    ``collate`` (the one that made ``mb``: padded by default, or packed, which places the same tokens alike)."""
     from tasks.train.batches import collate as padded
 
     if records and "teacher_labels" in records[0]:
         mb["kd_rows"] = torch.tensor([bool(r["teacher_labels"]) for r in records])
     if records and "small" in records[0]:
-        small = padded([{**r, **r["small"]} for r in records], pad_id, k)
+        small = (collate or padded)([{**r, **r["small"]} for r in records], pad_id, k)
         mb.update(small_ids=small["ids"], small_logprobs=small["logprobs"], small_tail_logmass=small["tail_logmass"])
     return mb
 
@@ -259,8 +267,8 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
         if config.faults.step_pause_s:
             time.sleep(config.faults.step_pause_s)  # tests only: widen the window for a kill
         _, batch = next(batches)
-        micro = [with_label_extras(collate(batch[i::accum], tokenizer.pad_token_id, k), batch[i::accum], tokenizer.pad_token_id, k)
-                 for i in range(min(accum, len(batch)))]
+        micro = [with_label_extras(collate(batch[i::accum], tokenizer.pad_token_id, k), batch[i::accum], tokenizer.pad_token_id, k,
+                                   collate) for i in range(min(accum, len(batch)))]
         micro = [{name: t.to(device) for name, t in mb.items()} for mb in micro]
         opt.zero_grad(set_to_none=True)
         mixed = mixkd.micro_batches(step, len(micro), device) if mixkd else None

@@ -17,6 +17,10 @@ models built on ``create_causal_mask``.  tests/test_packing.py checks that packe
 equal the unpadded ones per sequence.  Pad tokens fill each row's end as their own segment
 (positions from 0), after every real token, so no real token attends to them.
 
+``segments`` [B, L-1] names the record (its index in ``records``) at each shifted position (-1 on
+pads): the per-example parts of the losses (Dynamic KD's uncertainty and teacher routing, lazy
+labelling's ``kd_rows``) read examples from it instead of from rows (tasks/objectives/weighting.py).
+
 ``num_pad_tokens`` / ``input_ids.numel()`` is the batch's padding waste (both collates set
 it), which the training log reports.
 """
@@ -51,7 +55,8 @@ def first_fit(lengths: list[int], budget: int) -> list[list[int]]:
 def collate_packed(records: list[dict[str, Any]], pad_id: int, k: int, max_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """Pack ``records`` (prompt + response, with top-k labels) into rows of at most ``max_tokens``
     (default: the longest sequence). Same keys as ``batches.collate`` except ``attention_mask``,
-    which is replaced by ``position_ids`` (restarting at 0 for every sequence)."""
+    which is replaced by ``position_ids`` (restarting at 0 for every sequence), plus ``segments``.
+    The layout depends on the sequence lengths only, so two label sets of the same tokens pack alike."""
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in records]
     budget = max(lengths) if max_tokens is None else max(max_tokens, max(lengths))
     layout = first_fit(lengths, budget)
@@ -64,6 +69,7 @@ def collate_packed(records: list[dict[str, Any]], pad_id: int, k: int, max_token
     tail = torch.full((batch, length - 1), float("-inf"), dtype=torch.float32)
     target = torch.zeros((batch, length - 1), dtype=torch.long)
     mask = torch.zeros((batch, length - 1), dtype=torch.bool)
+    segments = torch.full((batch, length - 1), -1, dtype=torch.long)
     for b, row in enumerate(layout):
         offset = 0
         for i in row:
@@ -80,11 +86,12 @@ def collate_packed(records: list[dict[str, Any]], pad_id: int, k: int, max_token
             tail[b, span] = torch.as_tensor(r["tail_logmass"])
             target[b, span] = response
             mask[b, span] = True
+            segments[b, span] = i
             offset += p + t
         position_ids[b, offset:] = torch.arange(length - offset)  # the pad tail: a segment of its own
     used = sum(lengths)
     return {"input_ids": input_ids, "position_ids": position_ids, "ids": ids, "logprobs": logprobs,
-            "tail_logmass": tail, "target_ids": target, "mask": mask,
+            "tail_logmass": tail, "target_ids": target, "mask": mask, "segments": segments,
             "num_pad_tokens": torch.tensor(batch * length - used)}
 
 
