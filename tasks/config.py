@@ -195,11 +195,12 @@ class TrainConfig(StageConfig):
         "(float round-off), far less memory at large vocabularies. Plain linear heads only (no bias or logit "
         "soft-capping); not with strategy=fsdp.",
     )
-    packing: bool = Field(
-        False, description="Pack several sequences per row (first-fit up to the longest sequence of the micro-batch), "
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pack several sequences per row (first-fit up to the longest sequence of the micro-batch), "
         "position ids restarting per sequence and attention kept inside each (tasks/train/packing.py), instead of one "
-        "padded row per sequence. Same sequences per step and the same loss as padding; fewer pad tokens. The train "
-        "log reports padding_waste either way.",
+        "padded row per sequence: the same sequences per step and the same loss as padding, fewer pad tokens (the train "
+        "log reports padding_waste). auto: pack when a probe forward shows the student's attention keeps packed "
+        "sequences apart, else pad and say so; on: pack or fail with that error; off: pad. true/false mean on/off.",
     )
     packing_max_tokens: int | None = Field(
         None, ge=1, description="With train.packing: tokens per packed row (a longer sequence gets a row of its own). "
@@ -227,6 +228,16 @@ class TrainConfig(StageConfig):
         None, description="Where Ray Train keeps checkpoints: a shared path or a URI (s3://bucket/prefix, gs://...) "
         "that every worker reaches; None: under the stage's cache folder on this machine.",
     )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_from_bool(cls, value):
+        """true/false (YAML, --set train.packing=true, earlier configs) mean on/off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return "on" if value.lower() == "true" else "off"
+        return value
 
     @model_validator(mode="after")
     def _fused_head_needs_ddp(self) -> "TrainConfig":

@@ -29,12 +29,14 @@ def varied_records(vocab=97, n=7):
 
 
 def tiny_model(arch: str, attn: str, vocab=97):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    config, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    model = model_class(config(**common))
     model.config._attn_implementation = attn
     return model.float().eval()
 
@@ -126,7 +128,7 @@ def test_training_packed_gives_the_padded_weights_and_logs_padding_waste(tiny_st
     from tasks.train.runtime import LocalRuntime
 
     weights, logs = {}, {}
-    for name, packing in (("padded", False), ("packed", True)):
+    for name, packing in (("padded", "off"), ("packed", "on")):
         # the tiny labels' sequences are 7-12 tokens: a 24-token row holds two or three of them
         cfg = TrainConfig(objective="fkl+ce", steps=3, batch_size=8, learning_rate=1e-2, warmup_steps=1, checkpoint_every=3,
                           packing=packing, packing_max_tokens=24)
@@ -191,3 +193,61 @@ def test_per_example_losses_on_a_packed_batch_equal_padded(loss):
         assert sorted(wa.tolist()) == [0.0] * 4 + [1.0] * 3  # the uncertain half (3 of 7) to the small teacher
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def attention_ignoring_position_resets(monkeypatch):
+    """transformers with its packed-sequence detection switched off: what a model without that support does."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_probe_passes_models_that_keep_packed_sequences_apart(arch):
+    from tasks.train.packing import keeps_packed_sequences_apart
+
+    for attn in ("sdpa", "eager"):
+        model = tiny_model(arch, attn).train()
+        assert keeps_packed_sequences_apart(model), attn
+        assert model.training  # the probe leaves the mode as it found it
+    assert keeps_packed_sequences_apart(tiny_model(arch, "sdpa").to(torch.bfloat16))
+
+
+def test_probe_fails_a_model_whose_attention_crosses_packed_sequences(attention_ignoring_position_resets):
+    from tasks.train.packing import keeps_packed_sequences_apart
+
+    assert not keeps_packed_sequences_apart(tiny_model("llama", "sdpa"))
+    assert not keeps_packed_sequences_apart(tiny_model("qwen2", "eager"))
+
+
+def test_packing_auto_pads_and_says_why_when_the_probe_fails_and_on_refuses(attention_ignoring_position_resets, tiny_student,
+                                                                           tiny_labels, tmp_path, capsys):
+    import json
+
+    from tasks.config import TrainConfig
+    from tasks.train.loop import train
+    from tasks.train.loop_config import LoopConfig
+    from tasks.train.runtime import LocalRuntime
+
+    def run(packing, name):
+        cfg = TrainConfig(objective="fkl+ce", steps=1, batch_size=8, warmup_steps=1, checkpoint_every=1, packing=packing,
+                          packing_max_tokens=24)
+        (tmp_path / name).mkdir()
+        train(LoopConfig.build(cfg, student_dir=tiny_student, manifest=tiny_labels, out_dir=tmp_path / name), LocalRuntime())
+        return json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[0])
+
+    auto, padded = run("auto", "auto"), run("off", "off")
+    assert "train: packing off: the student (LlamaForCausalLM, attention sdpa) lets sequences packed" in capsys.readouterr().out
+    assert auto["padding_waste"] == padded["padding_waste"] > 0 and auto["loss"] == padded["loss"]
+    with pytest.raises(ValueError, match="train.packing=on: .*set train.packing=off"):
+        run("on", "on")
+
+
+def test_packing_setting_reads_booleans_as_on_and_off():
+    from tasks.config import TrainConfig
+
+    assert TrainConfig().packing == "auto"
+    assert [TrainConfig(packing=v).packing for v in (True, False, "true", "False", "on", "off")] == ["on", "off", "on", "off", "on", "off"]
+    with pytest.raises(ValueError, match="packing"):
+        TrainConfig(packing="sometimes")

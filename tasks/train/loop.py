@@ -216,6 +216,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
 
     # Model, objective, optimizer, schedule.
     model = load_causal_lm(config.student_dir)
+    packing = cfg.packing != "off" and packing_is_safe(model, cfg.packing, rank)
     if cfg.lora is not None:
         from tasks.train.lora import apply_lora, trainable_fraction
 
@@ -234,7 +235,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
 
         mixkd = MixKDStep.open(cfg, config.mixkd, rank=rank, world=world, pad_id=tokenizer.pad_token_id,
                                tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=len(tokenizer))
-    collate = make_collate(cfg.packing, cfg.packing_max_tokens)
+    collate = make_collate(packing, cfg.packing_max_tokens)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
 
@@ -311,6 +312,22 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
         final_state = gather_full_state(model, opt)[0] if sharded else None  # a collective: every rank
         if rank == 0:
             save_student(model, final_state, config, tokenizer, Path(config.out_dir) / "student")
+
+
+def packing_is_safe(model, setting: str, rank: int) -> bool:
+    """train.packing on/auto: whether the student's attention keeps packed sequences apart (a probe forward); on
+    fails when it does not, auto pads instead and says so."""
+    from tasks.train.packing import keeps_packed_sequences_apart
+
+    if keeps_packed_sequences_apart(model):
+        return True
+    problem = (f"the student ({type(model).__name__}, attention {model.config._attn_implementation}) lets sequences "
+               "packed in one row attend to each other (position-id resets ignored; checked on a probe)")
+    if setting == "on":
+        raise ValueError(f"train.packing=on: {problem}; set train.packing=off (or auto) for this model")
+    if rank == 0:
+        print(f"train: packing off: {problem}; padding instead", flush=True)
+    return False
 
 
 def save_student(model, full_state, config: LoopConfig, tokenizer, target: Path) -> None:

@@ -23,6 +23,11 @@ labelling's ``kd_rows``) read examples from it instead of from rows (tasks/objec
 
 ``num_pad_tokens`` / ``input_ids.numel()`` is the batch's padding waste (both collates set
 it), which the training log reports.
+
+A model whose attention ignores position-id resets (custom code, an attention kernel without
+packed-sequence support) would let packed sequences attend to each other, silently.
+``keeps_packed_sequences_apart`` checks the loaded student on a probe before training, and
+train.packing=auto (the default) pads instead when the check fails.
 """
 
 from __future__ import annotations
@@ -100,3 +105,25 @@ def padding_waste(micro_batches: list[dict[str, torch.Tensor]]) -> float:
     total = sum(mb["input_ids"].numel() for mb in micro_batches)
     pads = sum(int(mb["num_pad_tokens"]) for mb in micro_batches)
     return pads / total if total else 0.0
+
+
+def keeps_packed_sequences_apart(model, lengths: tuple[int, int] = (5, 4)) -> bool:
+    """Whether ``model`` gives the second of two sequences packed in one row (position ids restarting) the
+    same logits as that sequence alone: a forward of a few tokens, in the model's own dtype and device."""
+    first, second = lengths
+    vocab = int(model.config.vocab_size)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, min(vocab, 1000), (first + second,), generator=gen).to(device)
+    positions = torch.cat([torch.arange(first), torch.arange(second)]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=tokens[None], position_ids=positions[None], use_cache=False).logits[0, first:]
+            alone = model(input_ids=tokens[None, first:], use_cache=False).logits[0]
+    finally:
+        model.train(was_training)
+    # round-off only: float32 differs in the 6th digit, half precision in the 3rd; a crossed sequence moves far more
+    tolerance = 2e-2 if next(model.parameters()).dtype in (torch.bfloat16, torch.float16) else 1e-4
+    return bool(torch.allclose(packed.float(), alone.float(), rtol=tolerance, atol=tolerance))
