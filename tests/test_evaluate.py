@@ -137,6 +137,26 @@ def test_reference_nll_matches_a_single_unpadded_forward(tiny_student):
 
 # ---------- lm-eval-harness ----------
 
+def test_distribution_scores_packed_equal_padded_per_example(tiny_student, tiny_labels):
+    """The evaluation's student forward packs several held-out examples per row; every example's KL, reverse KL
+    and top-1 agreement stay those of its own padded row."""
+    from tasks.evaluate.distribution import distribution_scores
+
+    padded = distribution_scores(tiny_student, tiny_labels, batch_size=7, packing=False)
+    # the labels' sequences are 7-12 tokens: 24-token rows hold two or three
+    packed = distribution_scores(tiny_student, tiny_labels, batch_size=7, packing=True, packing_max_tokens=24)
+    assert [r["example_id"] for r in packed] == [r["example_id"] for r in padded] and len(padded) > 7
+    for a, b in zip(padded, packed):
+        assert b["tokens"] == a["tokens"] > 0
+        for key in ("kl_to_teacher", "reverse_kl_to_teacher", "top1_agreement"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["example_id"], key)
+    assert len({round(r["kl_to_teacher"], 6) for r in padded}) > 1  # per example, not one batch value
+    from storage import soft_labels
+    from tasks.train.packing import collate_packed
+
+    assert collate_packed(list(soft_labels.read(tiny_labels))[:7], 0, 8, max_tokens=24)["input_ids"].shape[0] < 7
+
+
 def test_lm_eval_missing_is_skipped_with_a_clear_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     messages = []
