@@ -40,6 +40,7 @@ RKL_FAMILY = ("rkl", "skew_rkl", "akl")
 INIT_METHODS = ("fkl", "rkl", "akl")
 LR_METHODS = ("rkl", "tvd", "jsd")
 TASKS = ("qa", "transform")
+GROUPS = ("main", "sft", "init", "lr")
 
 
 @torch.no_grad()
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=("qa", "transform", "classify", "mix"))
     parser.add_argument("--grid", choices=("full", "reduced"), default="full",
                         help="reduced: the lr check on the first task only")
-    parser.add_argument("--groups", nargs="*", default=["main", "sft", "init", "lr"], choices=("main", "sft", "init", "lr"))
+    parser.add_argument("--groups", nargs="*", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--methods", nargs="*", default=None, help="restrict every group to these objectives")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="training steps of every run (the flow's train.steps default)")
@@ -247,7 +248,10 @@ def main(argv=None) -> int:
                         help="teacher labels from the teacher stage (vLLM in Ray actors) or from transformers in this "
                              "process (same format and content; for machines where the Ray actors get no CPU time)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--out", default=None,
+                        help="where methods.json and the table go (default: docs/results; for the objectives family "
+                        "restricted by --methods, --groups or --train-set, DATA_DIR/compare-results, so a partial run "
+                        "does not replace the committed table)")
     parser.add_argument("--train-set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="train config fields for every run of the objectives family, e.g. packing=true fused_head=true "
                         "(values parsed as YAML); such runs are trained in their own folders and recorded under 'train_set'")
@@ -260,6 +264,8 @@ def main(argv=None) -> int:
     compare_limited.add_arguments(parser)
     compare_onpolicy.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.family != "objectives" or not restricted(args):
+        args.out = args.out or "docs/results"
     if args.family == "limited":
         return compare_limited.run(args, sys.argv[1:] if argv is None else argv)
 
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data_dir = Path(args.data_dir or default_data_dir()).resolve()
     configure_runtime(str(data_dir))
+    args.out = args.out or str(data_dir / "compare-results")
+    print(f"compare: results go to {args.out}", flush=True)
     if args.family == "dynamic":
         return dynamic_family(args, data_dir, argv)
     if args.family == "onpolicy":
@@ -304,7 +312,7 @@ def main(argv=None) -> int:
               f"inits {results['tasks'][task_name]['inits']}", flush=True)
     # Rows in priority order (every task's main group first, then sft, init, lr), so a cut-short run has the core rows.
     work = {}
-    for row in sorted(rows, key=lambda r: ["main", "sft", "init", "lr"].index(r["group"])):
+    for row in sorted(rows, key=lambda r: GROUPS.index(r["group"])):
         default_lr = setups[row["task"]]["config"].train.learning_rate
         lr = args.alt_lr if row["lr"] == "alt" else default_lr
         work.setdefault((row["task"], run_name(row["method"], row["init"], lr, default_lr)), (row, lr))
@@ -370,6 +378,11 @@ def parse_train_set(items: list[str]) -> dict:
         out[field] = yaml.safe_load(value)
     TrainConfig.model_validate(out)
     return out
+
+
+def restricted(args) -> bool:
+    """An objectives-family run of part of the grid (some methods or groups) or with other train settings."""
+    return bool(args.methods or args.train_set or set(args.groups) != set(GROUPS))
 
 
 def run_name(method: str, init: str, lr: float, default_lr: float) -> str:

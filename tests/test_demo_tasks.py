@@ -82,3 +82,17 @@ def test_compare_plan_and_gap_closed():
     }}
     assert abs(gap_closed(task, "fkl [base]") - 0.5) < 1e-9 and gap_closed(task, "rkl [random]") is None
     assert "holds" in ordering(task)[1] and ordering(task)[0].startswith("Ordering from base (exact match): akl")
+
+
+def test_partial_comparison_runs_do_not_replace_the_committed_table():
+    """A run of some methods or groups, or with other train settings, is restricted: its results go under the data
+    folder unless --out says otherwise; the full grid (any tasks) writes docs/results."""
+    from argparse import Namespace
+
+    from flows.compare import GROUPS, restricted
+
+    full = dict(methods=None, train_set=[], groups=list(GROUPS))
+    assert not restricted(Namespace(**full))
+    assert restricted(Namespace(**{**full, "methods": ["fkl"]}))
+    assert restricted(Namespace(**{**full, "groups": ["main"]}))
+    assert restricted(Namespace(**{**full, "train_set": ["packing=off"]}))
