@@ -4,13 +4,13 @@ Both Rays - the flow's private one (`tasks.ray_runtime.ensure_ray`) and the head
 (`deploy/stack.sh`, with its Prefect server and worker) - are started for real; every listening TCP socket
 of their process trees (psutil) must be on 127.0.0.1 / ::1 (an IPv6 socket on ::ffff:127.0.0.1 is the same
 loopback). A GCS client without the token is refused; a driver with the environment the stack's worker gives
-its flow runs joins.
+its flow runs joins. The stack's checks run on the stack that tests/test_prefect_server.py starts for its flow
+runs (`check_stack_listeners`, here so both Rays' rules sit together): one stack start fewer in the suite.
 """
 
 import ipaddress
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -76,12 +76,6 @@ LOCAL_RAY = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip.split("%")[0])
     mapped = getattr(address, "ipv4_mapped", None)
@@ -131,53 +125,46 @@ def test_flow_local_ray_listens_on_loopback_only_and_refuses_clients_without_tok
     assert result["no_token"].startswith("REFUSED"), result["no_token"]
 
 
-def test_stack_listens_on_loopback_only_with_token_auth_and_flow_runs_join(tmp_path):
-    data = tmp_path / "data"
-    ports = {"PREFECT_PORT": _free_port(), "RAY_PORT": _free_port(), "RAY_CLIENT_PORT": _free_port()}
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "RAY_ADDRESS") and not k.startswith("RAY_AUTH")}
-    env.update({"STILLHOUSE_DATA_DIR": str(data), **{k: str(v) for k, v in ports.items()}})
+def check_stack_listeners(data: Path, env: dict[str, str], up: subprocess.CompletedProcess) -> None:
+    """`make stack` (deploy/stack.sh up, its output in ``up``, run with ``env``): Prefect, the GCS and Ray's client
+    server listen on their ports and on loopback only, the Ray token is private and never logged, the worker hands
+    flow runs its path, and a flow run's driver joins while clients without the token (or with a wrong one) are refused."""
+    ports = {name: int(env[name]) for name in ("PREFECT_PORT", "RAY_PORT", "RAY_CLIENT_PORT")}
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}  # clients of their own
     stack = data / "stack"
-    up = subprocess.run([str(REPO / "deploy" / "stack.sh"), "up"], env=env, capture_output=True, text=True, timeout=300)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        groups = {name: int((stack / f"{name}.pid").read_text()) for name in ("server", "worker", "ray")}
-        listeners = {name: _listeners(_tree(pgid)) for name, pgid in groups.items()}
-        ports_open = {port for entries in listeners.values() for *_, port in entries}
-        assert set(ports.values()) <= ports_open, f"Prefect, GCS or client server not listening: {listeners}"
-        assert {name for _, name, _, _ in listeners["ray"]} >= {"gcs_server", "raylet"}
-        exposed = {name: [e for e in entries if not _is_loopback(e[2])] for name, entries in listeners.items()}
-        assert not any(exposed.values()), f"listening beyond loopback: {exposed}"
+    groups = {name: int((stack / f"{name}.pid").read_text()) for name in ("server", "worker", "ray")}
+    listeners = {name: _listeners(_tree(pgid)) for name, pgid in groups.items()}
+    ports_open = {port for entries in listeners.values() for *_, port in entries}
+    assert set(ports.values()) <= ports_open, f"Prefect, GCS or client server not listening: {listeners}"
+    assert {name for _, name, _, _ in listeners["ray"]} >= {"gcs_server", "raylet"}
+    exposed = {name: [e for e in entries if not _is_loopback(e[2])] for name, entries in listeners.items()}
+    assert not any(exposed.values()), f"listening beyond loopback: {exposed}"
 
-        # The token: a private file, never in the logs; the worker hands its path (not the token) to flow runs.
-        token_file = stack / "ray_auth_token"
-        token = token_file.read_text()
-        assert len(token) == 64 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        for text in [up.stdout, up.stderr] + [p.read_text(errors="replace") for p in stack.glob("*.log")]:
-            assert token not in text, "the Ray token was written to a log"
-        worker_env = psutil.Process(groups["worker"]).environ()
-        assert worker_env.get("RAY_AUTH_MODE") == "token" and worker_env.get("RAY_AUTH_TOKEN_PATH") == str(token_file)
-        assert "RAY_AUTH_TOKEN" not in worker_env
+    # The token: a private file, never in the logs; the worker hands its path (not the token) to flow runs.
+    token_file = stack / "ray_auth_token"
+    token = token_file.read_text()
+    assert len(token) == 64 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    for text in [up.stdout, up.stderr] + [p.read_text(errors="replace") for p in stack.glob("*.log")]:
+        assert token not in text, "the Ray token was written to a log"
+    worker_env = psutil.Process(groups["worker"]).environ()
+    assert worker_env.get("RAY_AUTH_MODE") == "token" and worker_env.get("RAY_AUTH_TOKEN_PATH") == str(token_file)
+    assert "RAY_AUTH_TOKEN" not in worker_env
 
-        # What a flow run does with the worker's environment: ensure_ray joins the head and runs a task.
-        join = subprocess.run(
-            [sys.executable, "-c", "import ray; from tasks.ray_runtime import ensure_ray; ensure_ray(); "
-             "print('JOINED', ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=120), "
-             "ray.get_runtime_context().gcs_address)"],
-            cwd=REPO, env={**worker_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-        assert f"JOINED 42 127.0.0.1:{ports['RAY_PORT']}" in join.stdout, (join.stdout + join.stderr)[-4000:]
+    # What a flow run does with the worker's environment: ensure_ray joins the head and runs a task.
+    join = subprocess.run(
+        [sys.executable, "-c", "import ray; from tasks.ray_runtime import ensure_ray; ensure_ray(); "
+         "print('JOINED', ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=120), "
+         "ray.get_runtime_context().gcs_address)"],
+        cwd=REPO, env={**worker_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert f"JOINED 42 127.0.0.1:{ports['RAY_PORT']}" in join.stdout, (join.stdout + join.stderr)[-4000:]
 
-        with_token = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"], env=worker_env,
-                                    capture_output=True, text=True, timeout=120)
-        assert with_token.stdout.startswith("ACCEPTED"), with_token.stdout + with_token.stderr[-2000:]  # the probe can pass
-        no_token = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"],
-                                  env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
-        assert no_token.stdout.startswith("REFUSED"), no_token.stdout + no_token.stderr[-2000:]
-        wrong = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"],
-                               env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-                               capture_output=True, text=True, timeout=120)
-        assert wrong.stdout.startswith("REFUSED"), wrong.stdout + wrong.stderr[-2000:]
-    finally:
-        down = subprocess.run([str(REPO / "deploy" / "stack.sh"), "down"], env=env, capture_output=True, text=True,
-                              timeout=180)
-    assert down.returncode == 0, down.stderr
+    with_token = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"], env=worker_env,
+                                capture_output=True, text=True, timeout=120)
+    assert with_token.stdout.startswith("ACCEPTED"), with_token.stdout + with_token.stderr[-2000:]  # the probe can pass
+    no_token = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"],
+                              env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    assert no_token.stdout.startswith("REFUSED"), no_token.stdout + no_token.stderr[-2000:]
+    wrong = subprocess.run([sys.executable, "-c", GCS_PROBE, f"127.0.0.1:{ports['RAY_PORT']}"],
+                           env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.stdout.startswith("REFUSED"), wrong.stdout + wrong.stderr[-2000:]

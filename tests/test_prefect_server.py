@@ -28,13 +28,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     data = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "STILLHOUSE_DATA_DIR": str(data), "PREFECT_PORT": str(_free_port()), "RAY_PORT": str(_free_port())}
-    env.pop("PREFECT_API_URL", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS") and not k.startswith("RAY_AUTH")}
+    env.update({"STILLHOUSE_DATA_DIR": str(data), "PREFECT_PORT": str(_free_port()), "RAY_PORT": str(_free_port()),
+                "RAY_CLIENT_PORT": str(_free_port())})
     up = subprocess.run([str(REPO / "deploy" / "stack.sh"), "up"], env=env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         api = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
-        yield api, data, env
+        yield api, data, env, up
     finally:
         subprocess.run([str(REPO / "deploy" / "stack.sh"), "down"], env=env, capture_output=True, timeout=120)
 
@@ -122,8 +123,16 @@ def _deployment_id(api: str) -> str:
     return response.json()["id"]
 
 
+def test_stack_listens_on_loopback_only_with_token_auth_and_flow_runs_join(stack):
+    """Checked first, on this module's stack before its flow runs (tests/test_listeners.py holds the checks)."""
+    from tests.test_listeners import check_stack_listeners
+
+    _, data, env, up = stack
+    check_stack_listeners(data, env, up)
+
+
 def test_form_validation_rejects_bad_parameters_before_any_work(stack):
-    api, data, _ = stack
+    api, data, _, _ = stack
     deployment = HTTP.get(f"{api}/deployments/name/distill/distill").json()
     schema = deployment["parameter_openapi_schema"]
     assert "PipelineConfig" in schema["definitions"] and schema["definitions"]["TrainConfig"]["properties"]["steps"]["minimum"] == 1
@@ -138,7 +147,7 @@ def test_api_run_killed_during_capture_and_training_then_ui_retry_resumes_and_co
     process mid-capture, Retry as the UI does, kill it again mid-training, Retry again: finished shards and
     checkpoints are reused, no label row is lost or duplicated, and the run completes with its artifacts, run.json
     and the workers' output in its run log."""
-    api, data, _ = stack
+    api, data, _, _ = stack
     params = {"config": {"run_name": "killed", "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20, "demo_base_steps": 20},
                          "teacher": {"top_k": 5, "max_new_tokens": 10, "shard_rows": 8},
                          "train": {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "objective": "akl+ce"},
@@ -214,7 +223,7 @@ def test_api_onpolicy_run_killed_between_and_during_rounds_then_ui_retry_resumes
     at the round where it stopped: finished rounds are skipped, round 3's rollouts (same policy version and weights)
     are reused, every round trained on rollouts of its own policy version, and the gate runs on the final student.
     The labels and demo assets are the previous test's (same settings), so only the rounds and evaluation run."""
-    api, data, _ = stack
+    api, data, _, _ = stack
     params = {"config": {"run_name": "killed-onpolicy",
                          "data": {"max_train_examples": 48, "max_eval_examples": 16, "demo_teacher_steps": 20, "demo_base_steps": 20},
                          "teacher": {"top_k": 5, "max_new_tokens": 10, "shard_rows": 8},
@@ -263,7 +272,7 @@ def test_stack_down_stops_its_own_services_and_nothing_else(stack, ray_local):
     then exits silently (a red CI once); `down` must stop only the stack's process groups."""
     import ray
 
-    _, data, env = stack
+    _, data, env, _ = stack
     stack_groups = {name: int((data / "stack" / f"{name}.pid").read_text()) for name in ("server", "worker", "ray")}
     down = subprocess.run([str(REPO / "deploy" / "stack.sh"), "down"], env=env, capture_output=True, text=True, timeout=180)
     assert down.returncode == 0, down.stderr
