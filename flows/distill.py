@@ -106,26 +106,39 @@ def select_prompts(config: PipelineConfig, prepared: PreparedData, init: Student
 
 @task(name="teacher-labels")
 def selected_teacher_labels(config: PipelineConfig, prepared: PreparedData, selection: select_stage.SelectedPrompts,
-                            init: StudentInit, faults: FaultPlan) -> TeacherLabels:
-    """The teacher labels each selection increment once (earlier ones come from the stage cache), then one label set."""
+                            init: StudentInit, member_dirs: list[str], faults: FaultPlan) -> TeacherLabels:
+    """The teacher labels each selection increment once (earlier ones come from the stage cache), then one label set.
+    With `teachers:` the extra teachers score each increment's responses and the merged (or routed) increments are
+    what the label set links: a larger select.fraction scores only the new increment, with every teacher."""
     with ray_output_to(_log()):
-        parts = [run_cached(teacher_stage.STAGE, config.teacher, prepared.model_copy(update={"train": increment}),
-                            **_cache(config, faults)) for increment in selection.increments]
+        parts = []
+        for increment in selection.increments:
+            increment_prepared = prepared.model_copy(update={"train": increment})
+            part = run_cached(teacher_stage.STAGE, config.teacher, increment_prepared, **_cache(config, faults))
+            if member_dirs:
+                part = run_ensemble(config, increment_prepared, part, member_dirs, faults)
+            parts.append(part)
         inputs = select_labels.SelectedLabelsInputs(selection=selection, parts=parts, student_dir=init.student_dir,
                                                     reference_prefix=config.teacher.reference_prefix)
         return run_cached(select_labels.STAGE, config.select, inputs, **_cache(config, faults))
 
 
-@task(name="multi-teacher")
-def multi_teacher_labels(config: PipelineConfig, prepared: PreparedData, labels: TeacherLabels, member_dirs: list[str],
-                         faults: FaultPlan) -> TeacherLabels:
+def run_ensemble(config: PipelineConfig, prepared: PreparedData, labels: TeacherLabels, member_dirs: list[str],
+                 faults: FaultPlan) -> TeacherLabels:
+    """The multi-teacher stage on one label set (the main teacher's labels of `prepared.train`)."""
     stage_config = ensemble_stage.EnsembleStageConfig(main=config.teacher, members=config.teachers, ensemble=config.ensemble,
                                                       pair=config.train.dynamic_teacher != "off")
     routing = Path(prepared.source) / f"{prepared.train_split}.jsonl"
     inputs = ensemble_stage.EnsembleInputs(prepared=prepared, labels=labels, member_dirs=member_dirs,
                                            routing_rows=str(routing) if routing.exists() else None)
+    return run_cached(ensemble_stage.STAGE, stage_config, inputs, **_cache(config, faults))
+
+
+@task(name="multi-teacher")
+def multi_teacher_labels(config: PipelineConfig, prepared: PreparedData, labels: TeacherLabels, member_dirs: list[str],
+                         faults: FaultPlan) -> TeacherLabels:
     with ray_output_to(_log()):
-        return run_cached(ensemble_stage.STAGE, stage_config, inputs, **_cache(config, faults))
+        return run_ensemble(config, prepared, labels, member_dirs, faults)
 
 
 @task(name="train-student")
@@ -196,10 +209,11 @@ def distill(config: PipelineConfig = PipelineConfig(), faults: FaultPlan = Fault
             stage = "select-prompts"
             selection = select_prompts(config, to_label, init, faults)
             stage = "teacher-labels"
-            labels = selected_teacher_labels(config, to_label, selection, init, faults)
+            labels = selected_teacher_labels(config, to_label, selection, init, member_dirs, faults)
         else:
             labels = teacher_labels(config, to_label, faults)
-        if config.teachers:  # extra teachers score the main teacher's responses; merged, routed or paired
+        if config.teachers and not config.select.enabled:  # extra teachers score the main teacher's responses;
+            # merged, routed or paired (with selection: per increment, inside teacher-labels)
             stage = "multi-teacher"
             labels = multi_teacher_labels(config, to_label, labels, member_dirs, faults)
         if config.train.mixkd is not None:

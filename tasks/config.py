@@ -475,8 +475,9 @@ def _check_dynamic_kd_config(config: "PipelineConfig") -> None:
         if bad:
             raise ValueError(f"ensemble.routes {bad}: members are 0 (main teacher) .. {len(config.teachers)}")
     if select.enabled:
-        if config.teachers:
-            raise ValueError("select.enabled with `teachers:` is not supported yet: use one or the other")
+        if config.teachers and train.dynamic_teacher != "off":
+            raise ValueError("select.enabled with train.dynamic_teacher is not supported (the dynamic-teacher loss has no "
+                             "cross-entropy-only rows); use ensemble.mode mean or route with selection, or turn selection off")
         if select.unlabelled == "ce" and train.fused_head:
             raise ValueError("select.unlabelled=ce trains cross-entropy-only shards, which train.fused_head does not "
                              "support yet; set train.fused_head=false or select.unlabelled=none")

@@ -300,6 +300,10 @@ def test_config_refuses_combinations_before_any_compute():
     with pytest.raises(ConfigError, match="fused_head does not"):
         load_config(None, {"select.enabled": True, "train.fused_head": True})
     assert load_config(None, {"select.enabled": True, "train.packing": True}).train.packing  # packed kd_rows: test_packing
+    with pytest.raises(ConfigError, match="select.enabled with train.dynamic_teacher"):
+        load_config(None, {"select.enabled": True, "teachers": [{"model": "demo-small"}], "train.dynamic_teacher": "hard"})
+    both = load_config(None, {"select.enabled": True, "teachers": [{"model": "demo-small"}], "ensemble.mode": "mean"})
+    assert both.select.enabled and both.teachers  # merged per increment: tests/test_teacher_signal_flow.py
     with pytest.raises(ConfigError, match="route_column"):
         load_config(None, {"teachers": [{"model": "demo-small"}], "ensemble.mode": "route"})
     ok = load_config(None, {"select.enabled": True, "select.fraction": 0.3, "train.uncertainty_weighting": True})
