@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (processes)")
     parser.add_argument("--out", default=None,
                         help="where methods.json and the table go (default: docs/results; for the objectives family "
-                        "restricted by --methods, --groups or --train-set, DATA_DIR/compare-results, so a partial run "
+                        "restricted by --tasks, --methods, --groups or --train-set, DATA_DIR/compare-results, so a partial run "
                         "does not replace the committed table)")
     parser.add_argument("--train-set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="train config fields for every run of the objectives family, e.g. packing=true fused_head=true "
@@ -381,8 +381,8 @@ def parse_train_set(items: list[str]) -> dict:
 
 
 def restricted(args) -> bool:
-    """An objectives-family run of part of the grid (some methods or groups) or with other train settings."""
-    return bool(args.methods or args.train_set or set(args.groups) != set(GROUPS))
+    """An objectives-family run of part of the grid (some tasks, methods or groups) or with other train settings."""
+    return bool(args.methods or args.train_set or set(args.groups) != set(GROUPS) or set(args.tasks) != set(TASKS))
 
 
 def run_name(method: str, init: str, lr: float, default_lr: float) -> str:

@@ -85,14 +85,15 @@ def test_compare_plan_and_gap_closed():
 
 
 def test_partial_comparison_runs_do_not_replace_the_committed_table():
-    """A run of some methods or groups, or with other train settings, is restricted: its results go under the data
-    folder unless --out says otherwise; the full grid (any tasks) writes docs/results."""
+    """A run of some tasks, methods or groups, or with other train settings, is restricted: its results go under the
+    data folder unless --out says otherwise; the full grid writes docs/results."""
     from argparse import Namespace
 
-    from flows.compare import GROUPS, restricted
+    from flows.compare import GROUPS, TASKS, restricted
 
-    full = dict(methods=None, train_set=[], groups=list(GROUPS))
+    full = dict(methods=None, train_set=[], groups=list(GROUPS), tasks=list(TASKS))
     assert not restricted(Namespace(**full))
     assert restricted(Namespace(**{**full, "methods": ["fkl"]}))
     assert restricted(Namespace(**{**full, "groups": ["main"]}))
     assert restricted(Namespace(**{**full, "train_set": ["packing=off"]}))
+    assert restricted(Namespace(**{**full, "tasks": ["qa"]}))

@@ -299,7 +299,7 @@ def test_config_refuses_combinations_before_any_compute():
         load_config(None, {"train.uncertainty_weighting": True, "train.fused_head": True})
     with pytest.raises(ConfigError, match="fused_head does not"):
         load_config(None, {"select.enabled": True, "train.fused_head": True})
-    assert load_config(None, {"select.enabled": True, "train.packing": True}).train.packing  # packed kd_rows: test_packing
+    assert load_config(None, {"select.enabled": True, "train.packing": True}).train.packing == "on"  # packed kd_rows: test_packing
     with pytest.raises(ConfigError, match="select.enabled with train.dynamic_teacher"):
         load_config(None, {"select.enabled": True, "teachers": [{"model": "demo-small"}], "train.dynamic_teacher": "hard"})
     both = load_config(None, {"select.enabled": True, "teachers": [{"model": "demo-small"}], "ensemble.mode": "mean"})

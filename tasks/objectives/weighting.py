@@ -222,9 +222,9 @@ class DynamicTeacher:
             loss = loss + self._kd(student_logits, large, mask & ~to_small, n)
             parts.update({f"large/{k}": v for k, v in self._kd.last_parts.items()})
         else:
-            loss = self._weighted(student_logits, small, mask, n, weights=w)
+            loss = self._weighted(student_logits, small, mask, n, weights=w, segments=segments)
             parts.update({f"small/{k}": v for k, v in self._weighted.last_parts.items()})
-            loss = loss + self._weighted(student_logits, large, mask, n, weights=1.0 - w)
+            loss = loss + self._weighted(student_logits, large, mask, n, weights=1.0 - w, segments=segments)
             parts.update({f"large/{k}": v for k, v in self._weighted.last_parts.items()})
         if self._target is not None:
             loss = loss + self._target(student_logits, small, mask, n)

@@ -215,8 +215,8 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
     stream, k = open_stream(config, rank, world, tokenizer_hash(tokenizer), len(tokenizer))
 
     # Model, objective, optimizer, schedule.
-    model = load_causal_lm(config.student_dir)
-    packing = cfg.packing != "off" and packing_is_safe(model, cfg.packing, rank)
+    model = load_causal_lm(config.student_dir).to(device)
+    packing = cfg.packing != "off" and packing_is_safe(model, cfg.packing, rank)  # on the device it trains on
     if cfg.lora is not None:
         from tasks.train.lora import apply_lora, trainable_fraction
 
