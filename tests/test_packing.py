@@ -143,6 +143,7 @@ def test_training_packed_gives_the_padded_weights_and_logs_padding_waste(tiny_st
     for a, b in zip(logs["padded"], logs["packed"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert 0.0 <= b["padding_waste"] < 1.0 and 0.0 <= a["padding_waste"] < 1.0  # logged either way
+        assert b["packed"] is True and a["packed"] is False
     # and the packed runs did share rows: 8 sequences of 7-12 tokens fit in fewer than 8 rows of 24
     from storage import soft_labels
 
@@ -240,6 +241,7 @@ def test_packing_auto_pads_and_says_why_when_the_probe_fails_and_on_refuses(atte
     auto, padded = run("auto", "auto"), run("off", "off")
     assert "train: packing off: the student (LlamaForCausalLM, attention sdpa) lets sequences packed" in capsys.readouterr().out
     assert auto["padding_waste"] == padded["padding_waste"] > 0 and auto["loss"] == padded["loss"]
+    assert auto["packed"] is False and padded["packed"] is False  # the train log says which layout ran
     with pytest.raises(ValueError, match="train.packing=on: .*set train.packing=off"):
         run("on", "on")
 

@@ -284,7 +284,7 @@ def train(config: LoopConfig, runtime: Runtime) -> None:
             elapsed = time.time() - start
             done = step + 1 - start_step
             entry = {"step": step + 1, "loss": loss, **{f"loss_{n}": v for n, v in parts.items()}, "lr": sched.get_last_lr()[0],
-                     "grad_norm": float(grad_norm), "padding_waste": round(padding_waste(micro), 4), "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
+                     "grad_norm": float(grad_norm), "padding_waste": round(padding_waste(micro), 4), "packed": packing, "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2),
                      "eta_s": round(elapsed / done * (cfg.steps - step - 1), 1)}
             with log_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
