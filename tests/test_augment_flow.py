@@ -261,3 +261,31 @@ def test_expand_stage_through_run_cached(tmp_path, tiny_student, ray_local, monk
     assert len(rows) == out.prompts.rows == out.stats["accepted"] <= 4
     assert all(set(r["seed_ids"]) <= {"train-0", "train-1", "train-2", "train-3"} for r in rows)
     assert run_cached(expand_stage.STAGE, cfg, inputs, cache_root=tmp_path / "cache", **QUIET).reused
+
+
+def test_curate_stage_judge_filter_asks_the_teacher_about_the_survivors(tmp_path, tiny_student):
+    """curate.judge_template through the stage: the teacher's judgement of each prompt decides among what the other
+    filters kept (the judge filter runs last), prompts below judge_min are dropped and reported, and the judged run
+    is its own cache entry."""
+    import statistics
+
+    from tasks.config import DataConfig
+    from tasks.curate import flow_stage as curate_stage
+    from tasks.data import read_prompts
+    from tasks.stage_cache import run_cached
+
+    prepared = _prepared(tmp_path, tiny_student, TRAIN, TEST)
+    expanded = _expanded(tmp_path, ["What is 9 plus 1?", "What is the opposite of cold?"])
+    inputs = curate_stage.CurateInputs(prepared=prepared, expanded=expanded, data=DataConfig(), max_new_tokens=16)
+    plain = run_cached(curate_stage.STAGE, CurateConfig(), inputs, cache_root=tmp_path / "cache", **QUIET)
+    survivors = read_prompts(plain.train.path)
+    template = "Question: {prompt}\nIs it one of the bigger ones? Say bigger or plus:"
+    probe = CurateConfig(judge_template=template, judge_yes=" bigger", judge_no=" plus")
+    judged = curate_stage.teacher_judgements(prepared.teacher_dir, survivors, probe)
+    cut = statistics.median(judged.values())
+    cfg = probe.model_copy(update={"judge_min": cut})
+    out = run_cached(curate_stage.STAGE, cfg, inputs, cache_root=tmp_path / "cache", **QUIET)
+    assert not out.reused
+    kept = [r["example_id"] for r in read_prompts(out.train.path)]
+    assert kept == [r["example_id"] for r in survivors if judged[r["example_id"]] >= cut] and 0 < len(kept) < len(survivors)
+    assert out.removed_by["judge"] == len(survivors) - len(kept)

@@ -155,3 +155,55 @@ def test_stage_writes_kept_rows_and_manifest(tmp_path):
     assert not [p for p in (tmp_path / "curated").iterdir() if ".tmp-" in p.name]
     with pytest.raises(CurationError, match="no teacher score"):  # a labels manifest that covers only b00, b01
         run_curate_stage(src, tmp_path / "c2", cfg, heldout=held, scores=manifest_path)
+
+
+JUDGE = "Is this a clear question? Answer yes or no.\n\n{prompt}\n\nAnswer:"
+
+
+def test_judge_filter_keeps_prompts_judged_yes_and_reports_the_rest():
+    rows = [{"example_id": f"r{i}", "prompt": f"question number {i} about things"} for i in range(6)]
+    judged = {f"r{i}": p for i, p in enumerate([0.9, 0.2, 0.5, 0.49, 1.0, 0.0])}
+    cfg = CurateConfig(decontaminate=False, exact_dedup=False, near_dedup=False, judge_template=JUDGE, judge_min=0.5)
+    kept, reports = curate_rows(rows, cfg, judged=judged)
+    assert [r["example_id"] for r in kept] == ["r0", "r2", "r4"]  # p(yes) >= 0.5 kept, ties included
+    (report,) = [r for r in reports if r.name == "judge"]
+    assert report.ids == ["r1", "r3", "r5"] and report.details["r3"] == {"score": 0.49, "min_score": 0.5}
+    assert reports[-1].name == "judge"  # the last filter: only the survivors of the cheap ones are judged
+    with pytest.raises(UserError, match="judge filter: 1 row"):
+        curate_rows(rows, cfg, judged={k: v for k, v in judged.items() if k != "r2"})
+    with pytest.raises(UserError, match="no judged probabilities"):
+        curate_rows(rows, cfg)
+
+
+def test_judge_template_must_hold_the_prompt_and_nothing_else_in_braces():
+    with pytest.raises(ValueError, match="must contain"):
+        CurateConfig(judge_template="Is this good? Answer:")
+    with pytest.raises(ValueError, match="only {prompt}"):
+        CurateConfig(judge_template="{prompt} and {other}")
+    assert CurateConfig(judge_template="JSON {{\"q\": \"{prompt}\"}} ok?").judge_template
+
+
+def test_teacher_judgements_are_the_yes_share_of_yes_and_no_at_the_next_token(tiny_student):
+    """Batched, left-padded judgements equal each prompt's own unpadded forward: p(yes) / (p(yes) + p(no))."""
+    import torch
+
+    from tasks.curate.flow_stage import teacher_judgements
+    from tasks.models import load_causal_lm, load_tokenizer
+
+    rows = [{"example_id": f"q{i}", "prompt": text} for i, text in enumerate(
+        ["What is 2 plus 3?", "Name the bigger of 7 and 12, and say why it is the bigger one of the two.", "Hi"])]
+    # the tiny demo tokenizer has " bigger" and " plus" as single tokens (" yes" and " no" start with the same " ")
+    cfg = CurateConfig(judge_template=JUDGE, judge_yes=" bigger", judge_no=" plus")
+    judged = teacher_judgements(tiny_student, rows, cfg, batch_size=3)
+    tok, model = load_tokenizer(tiny_student), load_causal_lm(tiny_student).eval()
+    yes, no = tok(" bigger", add_special_tokens=False)["input_ids"][0], tok(" plus", add_special_tokens=False)["input_ids"][0]
+    assert yes != no
+    for r in rows:
+        ids = torch.tensor([tok(JUDGE.format(prompt=r["prompt"]))["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        expected = float(torch.softmax(logp[[yes, no]], -1)[0])
+        assert judged[r["example_id"]] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert 0.0 < judged[r["example_id"]] < 1.0
+    with pytest.raises(UserError, match="same token"):
+        teacher_judgements(tiny_student, rows, CurateConfig(judge_template=JUDGE, judge_yes=" yes", judge_no=" no"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FILTER_ORDER = ("exact_dedup", "near_dedup", "length", "repetition", "decontaminate", "self_score")
+FILTER_ORDER = ("exact_dedup", "near_dedup", "length", "repetition", "decontaminate", "self_score", "judge")
 
 
 class CurateConfig(BaseModel):
@@ -32,6 +32,26 @@ class CurateConfig(BaseModel):
     decontaminate_threshold: float = Field(0.5, gt=0, le=1, description="Drop a prompt when at least this share of its word n-grams occurs in a held-out prompt.")
     self_score_drop_fraction: float | None = Field(None, ge=0, lt=1, description="Drop this fraction of rows with the lowest teacher self-score (mean token log-likelihood); None: off.")
     self_score_min: float | None = Field(None, description="Drop rows whose teacher self-score (mean token log-prob, nats) is below this; None: off.")
+
+    judge_template: str | None = Field(
+        None, description="Ask the teacher about each prompt: this text with {prompt} where the prompt goes, ending where "
+        "the answer word comes (e.g. 'Is this a clear, answerable instruction? Answer yes or no.\\n\\n{prompt}\\n\\nAnswer:'). "
+        "A prompt is kept when p(judge_yes) / (p(judge_yes) + p(judge_no)) at the next token is >= judge_min. "
+        "Write any chat markup your teacher needs into the text. None: off.")
+    judge_yes: str = Field(" yes", min_length=1, description="The answer that keeps a prompt (its first token is read).")
+    judge_no: str = Field(" no", min_length=1, description="The answer that drops a prompt (its first token is read).")
+    judge_min: float = Field(0.5, ge=0, le=1, description="Keep prompts whose judged probability of judge_yes (against judge_no) is at least this.")
+
+    @model_validator(mode="after")
+    def _judge_template(self) -> "CurateConfig":
+        if self.judge_template is not None:
+            try:
+                rendered = self.judge_template.format(prompt="\x00")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"curate.judge_template: only {{prompt}} may appear in braces (double other braces): {exc}") from None
+            if "\x00" not in rendered:
+                raise ValueError("curate.judge_template must contain {prompt}, where each prompt goes")
+        return self
 
     @model_validator(mode="after")
     def _ranges(self) -> "CurateConfig":

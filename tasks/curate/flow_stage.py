@@ -132,13 +132,56 @@ def teacher_self_scores(teacher_dir: str, rows: list[dict[str, Any]], batch_size
     return scores
 
 
+def answer_token(tokenizer, text: str, field: str) -> int:
+    """The first token id of an answer word (curate.judge_yes / judge_no)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise CurationError(f"curate.{field} {text!r} encodes to no tokens with the teacher's tokenizer; pick another word")
+    return int(ids[0])
+
+
+def teacher_judgements(teacher_dir: str, rows: list[dict[str, Any]], cfg: CurateConfig, batch_size: int = 16) -> dict[str, float]:
+    """example_id -> p(yes) / (p(yes) + p(no)) at the teacher's next token after curate.judge_template rendered with
+    the row's prompt (transformers, float32, left-padded batches so every row's last token is at the same place)."""
+    import torch
+
+    from tasks.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(teacher_dir)
+    yes, no = answer_token(tokenizer, cfg.judge_yes, "judge_yes"), answer_token(tokenizer, cfg.judge_no, "judge_no")
+    if yes == no:
+        raise CurationError(f"curate.judge_yes {cfg.judge_yes!r} and judge_no {cfg.judge_no!r} start with the same token "
+                            f"({yes}); pick answers that differ in their first token")
+    model = load_causal_lm(teacher_dir).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    judged: dict[str, float] = {}
+    with torch.no_grad():
+        for a in range(0, len(rows), batch_size):
+            chunk = rows[a : a + batch_size]
+            encoded = [tokenizer(cfg.judge_template.format(prompt=r["prompt"]))["input_ids"] for r in chunk]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for b, e in enumerate(encoded):
+                ids[b, width - len(e):] = torch.tensor(e)
+                attn[b, width - len(e):] = 1
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: every row's positions start at 0
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1].float()
+            pair = torch.log_softmax(logits, -1)[:, [yes, no]]
+            for r, p_yes in zip(chunk, torch.softmax(pair, -1)[:, 0].tolist()):
+                judged[r["example_id"]] = p_yes
+    return judged
+
+
 def run(cfg: CurateConfig, inputs: CurateInputs, ctx: StageContext) -> CuratedPrompts:
     prepared = inputs.prepared
     rows, n_original = union_rows(prepared, inputs.expanded)
     union = tokenise_like_prepare(rows, prepared, inputs.data, inputs.max_new_tokens, ctx.out_dir)
     union_path = union["splits"]["train"]["path"]
     scores = teacher_self_scores(prepared.teacher_dir, read_prompts(union_path)) if cfg.uses_self_score else None
-    manifest = run_curate_stage(union_path, ctx.out_dir / "curated", cfg, heldout=prepared.eval.path, scores=scores)
+    judged = teacher_judgements(prepared.teacher_dir, read_prompts(union_path), cfg) if cfg.judge_template else None
+    manifest = run_curate_stage(union_path, ctx.out_dir / "curated", cfg, heldout=prepared.eval.path, scores=scores,
+                                judged=judged)
     kept = read_prompts(manifest.output)
     eval_prompts = [r["prompt"] for r in read_prompts(prepared.eval.path)]
     leaked = seen_in(eval_prompts, [r["prompt"] for r in kept])
@@ -165,7 +208,7 @@ def _key_parts(cfg: CurateConfig, inputs: CurateInputs) -> dict[str, Any]:
              "expanded": inputs.expanded.key if inputs.expanded else None, "use_chat_template": data.use_chat_template,
              "allow_eval_overlap": data.allow_eval_overlap, "max_new_tokens": inputs.max_new_tokens,
              "tokenizer": inputs.prepared.tokenizer_hash}
-    if cfg.uses_self_score:
+    if cfg.uses_self_score or cfg.judge_template is not None:
         parts["teacher_model"] = model_identity(inputs.prepared.teacher_dir)
     return parts
 

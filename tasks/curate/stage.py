@@ -80,13 +80,17 @@ def _check_rows(rows: list[dict[str, Any]], where: str, cfg: CurateConfig) -> No
 
 
 def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Iterable[str] | None = None,
-                scores: Mapping[str, float] | None = None, where: str = "prompts") -> tuple[list[dict[str, Any]], list[FilterReport]]:
+                scores: Mapping[str, float] | None = None, judged: Mapping[str, float] | None = None,
+                where: str = "prompts") -> tuple[list[dict[str, Any]], list[FilterReport]]:
     """Apply the configured filters in FILTER_ORDER; return the kept rows and one report per filter that ran."""
     _check_rows(rows, where, cfg)
     if cfg.decontaminate and heldout is None:
         raise CurationError("curate.decontaminate is on but no held-out prompts were given; pass the evaluation prompts or set curate.decontaminate=false")
     if cfg.uses_self_score and scores is None:
         raise CurationError("curate.self_score_* is set but no teacher scores were given; pass the teacher's labels of these prompts or unset it")
+    if cfg.judge_template is not None and judged is None:
+        raise CurationError("curate.judge_template is set but no judged probabilities were given; pass the teacher's "
+                            "judgements (tasks.curate.flow_stage.teacher_judgements) or unset it")
     heldout = list(heldout) if heldout is not None else None
     steps = {
         "exact_dedup": (cfg.exact_dedup, {}),
@@ -97,6 +101,7 @@ def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Itera
         "repetition": (cfg.max_repeated_ngram_share is not None, {"max_share": cfg.max_repeated_ngram_share, "n": cfg.repetition_ngram}),
         "decontaminate": (cfg.decontaminate, {"n": cfg.decontaminate_ngram, "threshold": cfg.decontaminate_threshold}),
         "self_score": (cfg.uses_self_score, {"drop_fraction": cfg.self_score_drop_fraction, "min_score": cfg.self_score_min}),
+        "judge": (cfg.judge_template is not None, {"min_score": cfg.judge_min}),
     }
     run = {
         "exact_dedup": lambda rs, p: filters.exact_dedup(rs),
@@ -105,6 +110,7 @@ def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Itera
         "repetition": lambda rs, p: filters.repetition_filter(rs, **p),
         "decontaminate": lambda rs, p: filters.decontaminate(rs, heldout, **p),
         "self_score": lambda rs, p: _self_score(rs, scores, p),
+        "judge": lambda rs, p: _self_score(rs, judged, p, what="judge filter", fix="judge exactly these prompts"),
     }
     reports = []
     for name in FILTER_ORDER:
@@ -118,14 +124,15 @@ def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Itera
     return rows, reports
 
 
-def _self_score(rows, scores, params):
+def _self_score(rows, scores, params, what: str = "self-score filter",
+                fix: str = "label exactly these prompts with the teacher (teacher.mode score or generate) and pass that manifest"):
+    """The score filter (rows below min_score, then the lowest fraction) over teacher self-scores or judgements."""
     try:
         return filters.self_score_filter(rows, scores, **params)
     except KeyError as exc:
         missing = exc.args[0]
         raise CurationError(
-            f"self-score filter: {len(missing)} row(s) have no teacher score (e.g. {', '.join(map(str, missing[:3]))}); "
-            "label exactly these prompts with the teacher (teacher.mode score or generate) and pass that manifest"
+            f"{what}: {len(missing)} row(s) have no teacher score (e.g. {', '.join(map(str, missing[:3]))}); {fix}"
         ) from None
 
 
@@ -160,12 +167,15 @@ def scores_from_labels(manifest_path: str | Path) -> dict[str, float]:
 
 def run_curate_stage(prompts_path: str | Path, out_dir: str | Path, cfg: CurateConfig, *,
                      heldout: str | Path | Iterable[str] | None = None,
-                     scores: Mapping[str, float] | str | Path | None = None) -> CurateManifest:
+                     scores: Mapping[str, float] | str | Path | None = None,
+                     judged: Mapping[str, float] | None = None) -> CurateManifest:
     """Curate `prompts_path` into `out_dir` (prompts.parquet, then manifest.json); return the manifest.
 
     `heldout`: the evaluation prompts (a prompts table or texts) for decontamination.
     `scores`: teacher self-scores, as a mapping example_id -> mean log-prob or a soft-label
     manifest of these prompts (`scores_from_labels`).
+    `judged`: example_id -> the teacher's probability of the judge's yes (curate.judge_template; from
+    `tasks.curate.flow_stage.teacher_judgements`).
     """
     prompts_path, out_dir = Path(prompts_path), Path(out_dir)
     table = read_table(prompts_path)
@@ -177,7 +187,8 @@ def run_curate_stage(prompts_path: str | Path, out_dir: str | Path, cfg: CurateC
         scores = scores_from_labels(scores)
     elif scores is not None:
         score_info = {"source": "given", "sha256": sha256_json(dict(scores))[:16]}
-    kept, reports = curate_rows(rows, cfg, heldout=held, scores=scores if cfg.uses_self_score else None, where=str(prompts_path))
+    kept, reports = curate_rows(rows, cfg, heldout=held, scores=scores if cfg.uses_self_score else None,
+                                judged=judged if cfg.judge_template is not None else None, where=str(prompts_path))
     keep_ids = {r["example_id"] for r in kept}
     indices = [i for i, r in enumerate(rows) if r["example_id"] in keep_ids]
     out_dir.mkdir(parents=True, exist_ok=True)
