@@ -18,6 +18,8 @@ Rows, each with --seeds seeds:
                        the references the sft init was trained on, so it is extra supervision the offline rows lack);
   gkd                  JSD(beta 0.5) on rollouts with probability lambda 0.5, on the stored teacher labels otherwise;
   onpolicy_rkl         sampled-token reverse KL (advantage log p - log q).
+  ROW@lr0.3x           any row above at 0.3 (any factor) times the learning rate: the learning-rate check, e.g.
+                       --op-rows fkl fkl@lr0.3x fkl@lr0.1x minillm minillm@lr0.3x minillm@lr0.1x.
 
 Budget: every row makes the same number of optimizer updates, U = rounds * inner_epochs * ceil(prompts_per_round /
 batch) with batch = train.batch_size (the offline rows run U steps of the same batch size, the same learning rate
@@ -66,14 +68,46 @@ def add_arguments(parser) -> None:
     g.add_argument("--op-prompts", type=int, default=128, help="prompts per round")
     g.add_argument("--op-inner-epochs", type=int, default=4, help="passes over each round's rollouts (MiniLLM: 4)")
     g.add_argument("--op-max-new-tokens", type=int, default=24, help="rollout length cap")
-    g.add_argument("--op-rows", nargs="*", default=[*OFFLINE, *VARIANTS], choices=[*OFFLINE, *VARIANTS])
+    g.add_argument("--op-rows", nargs="*", default=[*OFFLINE, *VARIANTS], type=row_name,
+                   help=f"rows: {', '.join([*OFFLINE, *VARIANTS])}, each optionally with @lr<factor>x (e.g. gkd@lr0.3x)")
     g.add_argument("--op-seeds", type=int, default=None, help="seeds of the on-policy rows (default --seeds)")
+
+
+def split_row(name: str) -> tuple[str, float]:
+    """'gkd@lr0.3x' -> ('gkd', 0.3); 'gkd' -> ('gkd', 1.0)."""
+    base, _, suffix = name.partition("@")
+    if not suffix:
+        return base, 1.0
+    if not (suffix.startswith("lr") and suffix.endswith("x")):
+        raise ValueError(f"{name!r}: a row suffix is @lr<factor>x, e.g. @lr0.3x")
+    try:
+        factor = float(suffix[2:-1])
+    except ValueError:
+        raise ValueError(f"{name!r}: {suffix[2:-1]!r} is not a number") from None
+    if not factor > 0:
+        raise ValueError(f"{name!r}: the learning-rate factor must be positive")
+    return base, factor
+
+
+def row_name(name: str) -> str:
+    """argparse type of --op-rows: a known row, optionally @lr<factor>x."""
+    import argparse
+
+    try:
+        base, _ = split_row(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if base not in OFFLINE and base not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{name!r}: unknown row {base!r}; rows: {', '.join([*OFFLINE, *VARIANTS])}")
+    return name
 
 
 def op_config(variant: str, args, train_cfg, seed: int):
     from tasks.onpolicy.config import OnPolicyConfig
 
+    variant, factor = split_row(variant)
     settings = dict(VARIANTS[variant])
+    settings["lr_scale"] = settings.get("lr_scale", 1.0) * factor
     rounds, epochs = args.op_rounds, args.op_inner_epochs
     if settings.pop("one_epoch", False):  # same number of updates, each rollout used once
         rounds, epochs = rounds * epochs, 1
@@ -237,26 +271,30 @@ def run(args, data_dir: Path, argv=None) -> int:
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                              initargs=(args.threads,)) as pool:
         for name in args.op_rows:
-            if name in OFFLINE:
-                row = dict(task=task_name, group="onpolicy", method=name, init="sft", lr=None)
+            base, factor = split_row(name)
+            if base in OFFLINE:
+                row = dict(task=task_name, group="onpolicy", method=base, init="sft", lr=None)
                 for seed in range(args.seeds):
                     futures[(name, seed)] = pool.submit(run_one, op_setup, inits, row, seed, n_updates,
-                                                        train_cfg.learning_rate, prompts)
+                                                        train_cfg.learning_rate * factor, prompts)
             else:
                 for seed in range(op_seeds):
                     futures[(name, seed)] = pool.submit(run_variant, op_setup, inits["sft"], name, seed, args, prompts)
         for name in args.op_rows:
             runs = []
-            for seed in range(args.seeds if name in OFFLINE else op_seeds):
+            base, factor = split_row(name)
+            for seed in range(args.seeds if base in OFFLINE else op_seeds):
                 try:
                     runs.append(futures[(name, seed)].result())
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others' rows
                     print(f"compare[onpolicy]: {name} seed {seed} FAILED: {exc!r}", flush=True)
                     continue
                 print(f"compare[onpolicy]: {name} seed {seed}: " + json.dumps({k: v for k, v in runs[-1].items() if k != 'rounds'}), flush=True)
-            entry["runs"][name] = {"method": VARIANTS.get(name, {"method": name})["method"], "init": "sft",
-                                   "settings": {k: v for k, v in VARIANTS.get(name, {}).items() if k != "method"},
-                                   "runs": runs}
+            settings = {k: v for k, v in VARIANTS.get(base, {}).items() if k != "method"}
+            if factor != 1.0:
+                settings["lr_scale"] = settings.get("lr_scale", 1.0) * factor
+            entry["runs"][name] = {"method": VARIANTS.get(base, {"method": base})["method"], "init": "sft",
+                                   "settings": settings, "runs": runs}
             write_entry(entry, Path(args.out))
     print(render(entry))
     return 0

@@ -97,3 +97,20 @@ def test_partial_comparison_runs_do_not_replace_the_committed_table():
     assert restricted(Namespace(**{**full, "groups": ["main"]}))
     assert restricted(Namespace(**{**full, "train_set": ["packing=off"]}))
     assert restricted(Namespace(**{**full, "tasks": ["qa"]}))
+
+
+def test_onpolicy_rows_take_a_learning_rate_factor():
+    import argparse
+
+    from flows.compare_onpolicy import op_config, row_name, split_row
+    from tasks.config import TrainConfig
+
+    assert split_row("gkd") == ("gkd", 1.0) and split_row("fkl@lr0.3x") == ("fkl", 0.3)
+    assert row_name("minillm-no-mix@lr0.1x") == "minillm-no-mix@lr0.1x"
+    for bad in ("nope", "gkd@0.3", "gkd@lrx", "gkd@lr-1x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            row_name(bad)
+    args = argparse.Namespace(op_rounds=2, op_inner_epochs=1, op_prompts=8, op_max_new_tokens=4)
+    train = TrainConfig()
+    assert op_config("gkd@lr0.3x", args, train, 0).learning_rate == pytest.approx(0.3 * train.learning_rate)
+    assert op_config("onpolicy_rkl-lr0.1x@lr0.3x", args, train, 0).learning_rate == pytest.approx(0.03 * train.learning_rate)
