@@ -202,6 +202,7 @@ def run_one(setup: dict, inits: dict, row: dict, seed: int, steps: int, lr: floa
     """
     from storage.atomic import read_json, sha256_json, write_json
     from tasks.config import TrainConfig
+    from tasks.identity import model_identity
     from tasks.train.loop import train
     from tasks.train.loop_config import LoopConfig
     from tasks.train.runtime import LocalRuntime
@@ -211,7 +212,8 @@ def run_one(setup: dict, inits: dict, row: dict, seed: int, steps: int, lr: floa
     cfg = TrainConfig.model_validate({**setup["config"].train.model_dump(), **update})
     variant = f"-set{sha256_json(train_set)[:8]}" if train_set else ""
     out_dir = setup["root"] / "runs" / f"{row['init']}-{row['method']}-lr{lr:g}{variant}-seed{seed}"
-    key = sha256_json({"init": inits[row["init"]], "labels": setup["labels"].train_manifest, "train": cfg.model_dump(),
+    # the init's identity (config, weight sizes and mtimes), not its path: a retrained sft init in the same folder is new
+    key = sha256_json({"init": model_identity(inits[row["init"]]), "labels": setup["labels"].train_manifest, "train": cfg.model_dump(),
                        "eval": setup["prepared"].eval.sha256})
     done = out_dir / "result.json"
     if done.exists() and read_json(done).get("key") == key:

@@ -139,13 +139,15 @@ def run_row(setup: dict, student: str, manifest: str, out_dir: Path, seed: int, 
     """Train one run with the production loop (LocalRuntime) and score it; a finished identical run is reused."""
     from flows.compare import scores
     from storage.atomic import read_json, sha256_json, write_json
+    from tasks.identity import model_identity
     from tasks.train.loop import train as train_loop
     from tasks.train.loop_config import LoopConfig
     from tasks.train.runtime import LocalRuntime
 
     cfg = setup["config"].train.model_copy(update={"objective": objective, "steps": steps, "seed": seed,
                                                    "checkpoint_every": steps, **train})
-    key = sha256_json({"init": student, "labels": manifest, "train": cfg.model_dump(), "eval": setup["prepared"].eval.sha256})
+    key = sha256_json({"init": model_identity(student), "labels": manifest, "train": cfg.model_dump(),
+                       "eval": setup["prepared"].eval.sha256})
     done = out_dir / "result.json"
     if done.exists() and read_json(done).get("key") == key:
         return read_json(done)["result"]

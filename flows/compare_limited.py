@@ -78,6 +78,7 @@ def run_row(setup: dict, row: str, seed: int, steps: int, prompts: list[dict]) -
     """Train one (row, seed) from the base student with the production loop (LocalRuntime); reused when finished."""
     from flows.compare import scores
     from storage.atomic import read_json, sha256_json, write_json
+    from tasks.identity import model_identity
     from tasks.train.loop import train
     from tasks.train.loop_config import LoopConfig
     from tasks.train.runtime import LocalRuntime
@@ -89,7 +90,8 @@ def run_row(setup: dict, row: str, seed: int, steps: int, prompts: list[dict]) -
     labels = {"fkl+expanded": setup["labels_expanded"], "fkl+curated": setup["labels_curated"]}.get(row, setup["labels"])
     mixkd = setup["mixkd"] if row == "mixkd" else None
     out_dir = setup["root"] / "runs" / f"{row}-seed{seed}"
-    key = sha256_json({"init": setup["demo"]["student_base"], "labels": labels.key, "mixkd": mixkd.key if mixkd else None,
+    key = sha256_json({"init": model_identity(setup["demo"]["student_base"]), "labels": labels.key,
+                       "mixkd": mixkd.key if mixkd else None,
                        "train": cfg.model_dump(mode="json"), "eval": setup["prepared"].eval.sha256})
     done = out_dir / "result.json"
     if done.exists() and read_json(done).get("key") == key:

@@ -215,10 +215,11 @@ def run_variant(setup: dict, init_dir: str, variant: str, seed: int, args, promp
     """One on-policy run (cached by its settings) and its scores."""
     from flows.compare import scores
     from storage.atomic import read_json, sha256_json, write_json
+    from tasks.identity import model_identity
 
     cfg = op_config(variant, args, setup["config"].train, seed)
     out_dir = setup["root"] / "runs" / f"sft-{variant}-seed{seed}"
-    key = sha256_json({"init": init_dir, "teacher": setup["prepared"].teacher_dir, "prompts": setup["prepared"].train.sha256,
+    key = sha256_json({"init": model_identity(init_dir), "teacher": setup["prepared"].teacher_dir, "prompts": setup["prepared"].train.sha256,
                        "labels": setup["labels"].train_manifest, "cfg": cfg.model_dump(mode="json"),
                        "eval": setup["prepared"].eval.sha256, "engine": "hf"})
     done = out_dir / "result.json"
