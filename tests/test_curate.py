@@ -173,13 +173,21 @@ def test_judge_filter_keeps_prompts_judged_yes_and_reports_the_rest():
         curate_rows(rows, cfg, judged={k: v for k, v in judged.items() if k != "r2"})
     with pytest.raises(UserError, match="no judged probabilities"):
         curate_rows(rows, cfg)
+    asked = []  # given as a function, the judge is asked only about the rows the filters before it kept
+    dup = rows + [{"example_id": "dup", "prompt": rows[0]["prompt"]}]
+    kept, _ = curate_rows(dup, cfg.model_copy(update={"exact_dedup": True}),
+                          judged=lambda rs: asked.extend(r["example_id"] for r in rs) or judged)
+    assert asked == [r["example_id"] for r in rows] and [r["example_id"] for r in kept] == ["r0", "r2", "r4"]
 
 
 def test_judge_template_must_hold_the_prompt_and_nothing_else_in_braces():
     with pytest.raises(ValueError, match="must contain"):
         CurateConfig(judge_template="Is this good? Answer:")
-    with pytest.raises(ValueError, match="only {prompt}"):
-        CurateConfig(judge_template="{prompt} and {other}")
+    for bad in ("{prompt} and {other}", "{prompt[0]}", "{prompt:>50}", "{prompt!r}", "{prompt}{prompt.__class__}", "{0}"):
+        with pytest.raises(ValueError, match="only a plain {prompt}"):
+            CurateConfig(judge_template=bad)
+    with pytest.raises(ValueError, match="literal brace"):
+        CurateConfig(judge_template="{prompt} and {")
     assert CurateConfig(judge_template="JSON {{\"q\": \"{prompt}\"}} ok?").judge_template
 
 

@@ -6,6 +6,8 @@ Kept free of `tasks.config` imports so `tasks/config.py` can compose it into
 
 from __future__ import annotations
 
+import string
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FILTER_ORDER = ("exact_dedup", "near_dedup", "length", "repetition", "decontaminate", "self_score", "judge")
@@ -46,10 +48,14 @@ class CurateConfig(BaseModel):
     def _judge_template(self) -> "CurateConfig":
         if self.judge_template is not None:
             try:
-                rendered = self.judge_template.format(prompt="\x00")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"curate.judge_template: only {{prompt}} may appear in braces (double other braces): {exc}") from None
-            if "\x00" not in rendered:
+                fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(self.judge_template)
+                          if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"curate.judge_template: {exc} (write a literal brace as {{{{ or }}}})") from None
+            if any(name != "prompt" or spec or conv for name, spec, conv in fields):
+                raise ValueError("curate.judge_template: only a plain {prompt} may appear in braces (no attributes, "
+                                 "indices, formats or other names; write a literal brace as {{ or }})")
+            if not fields:
                 raise ValueError("curate.judge_template must contain {prompt}, where each prompt goes")
         return self
 

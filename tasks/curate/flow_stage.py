@@ -142,23 +142,29 @@ def answer_token(tokenizer, text: str, field: str) -> int:
 
 def teacher_judgements(teacher_dir: str, rows: list[dict[str, Any]], cfg: CurateConfig, batch_size: int = 16) -> dict[str, float]:
     """example_id -> p(yes) / (p(yes) + p(no)) at the teacher's next token after curate.judge_template rendered with
-    the row's prompt (transformers, float32, left-padded batches so every row's last token is at the same place)."""
+    the row's prompt (transformers; on a GPU in bfloat16 when there is one, else float32 on CPU; left-padded batches
+    so every row's last token is at the same place; only the last position's logits are computed)."""
     import torch
 
     from tasks.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(teacher_dir)
+    bos = tokenizer.bos_token
     yes, no = answer_token(tokenizer, cfg.judge_yes, "judge_yes"), answer_token(tokenizer, cfg.judge_no, "judge_no")
     if yes == no:
         raise CurationError(f"curate.judge_yes {cfg.judge_yes!r} and judge_no {cfg.judge_no!r} start with the same token "
                             f"({yes}); pick answers that differ in their first token")
-    model = load_causal_lm(teacher_dir).eval()
+    cuda = torch.cuda.is_available()
+    model = load_causal_lm(teacher_dir, dtype=torch.bfloat16 if cuda else None).to("cuda" if cuda else "cpu").eval()
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     judged: dict[str, float] = {}
     with torch.no_grad():
         for a in range(0, len(rows), batch_size):
             chunk = rows[a : a + batch_size]
-            encoded = [tokenizer(cfg.judge_template.format(prompt=r["prompt"]))["input_ids"] for r in chunk]
+            texts = [cfg.judge_template.format(prompt=r["prompt"]) for r in chunk]
+            # a template that writes the BOS itself (chat markup) gets no second one
+            encoded = [tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"] for t in texts]
             width = max(len(e) for e in encoded)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             attn = torch.zeros_like(ids)
@@ -166,7 +172,8 @@ def teacher_judgements(teacher_dir: str, rows: list[dict[str, Any]], cfg: Curate
                 ids[b, width - len(e):] = torch.tensor(e)
                 attn[b, width - len(e):] = 1
             positions = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: every row's positions start at 0
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1].float()
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=positions.to(device),
+                           logits_to_keep=1).logits[:, -1].float().cpu()
             pair = torch.log_softmax(logits, -1)[:, [yes, no]]
             for r, p_yes in zip(chunk, torch.softmax(pair, -1)[:, 0].tolist()):
                 judged[r["example_id"]] = p_yes
@@ -179,7 +186,8 @@ def run(cfg: CurateConfig, inputs: CurateInputs, ctx: StageContext) -> CuratedPr
     union = tokenise_like_prepare(rows, prepared, inputs.data, inputs.max_new_tokens, ctx.out_dir)
     union_path = union["splits"]["train"]["path"]
     scores = teacher_self_scores(prepared.teacher_dir, read_prompts(union_path)) if cfg.uses_self_score else None
-    judged = teacher_judgements(prepared.teacher_dir, read_prompts(union_path), cfg) if cfg.judge_template else None
+    # the judge sees only what the cheaper filters before it kept
+    judged = (lambda rows: teacher_judgements(prepared.teacher_dir, rows, cfg)) if cfg.judge_template else None
     manifest = run_curate_stage(union_path, ctx.out_dir / "curated", cfg, heldout=prepared.eval.path, scores=scores,
                                 judged=judged)
     kept = read_prompts(manifest.output)

@@ -15,7 +15,7 @@ not as, say, too long); each sees only the rows the previous ones kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,12 @@ def _check_rows(rows: list[dict[str, Any]], where: str, cfg: CurateConfig) -> No
 
 
 def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Iterable[str] | None = None,
-                scores: Mapping[str, float] | None = None, judged: Mapping[str, float] | None = None,
+                scores: Mapping[str, float] | None = None,
+                judged: Mapping[str, float] | Callable[[list[dict[str, Any]]], Mapping[str, float]] | None = None,
                 where: str = "prompts") -> tuple[list[dict[str, Any]], list[FilterReport]]:
-    """Apply the configured filters in FILTER_ORDER; return the kept rows and one report per filter that ran."""
+    """Apply the configured filters in FILTER_ORDER; return the kept rows and one report per filter that ran.
+    ``judged``: the judge's p(yes) per example id, or a function of the rows the filters before it kept (so the
+    teacher judges only those)."""
     _check_rows(rows, where, cfg)
     if cfg.decontaminate and heldout is None:
         raise CurationError("curate.decontaminate is on but no held-out prompts were given; pass the evaluation prompts or set curate.decontaminate=false")
@@ -110,7 +113,8 @@ def curate_rows(rows: list[dict[str, Any]], cfg: CurateConfig, *, heldout: Itera
         "repetition": lambda rs, p: filters.repetition_filter(rs, **p),
         "decontaminate": lambda rs, p: filters.decontaminate(rs, heldout, **p),
         "self_score": lambda rs, p: _self_score(rs, scores, p),
-        "judge": lambda rs, p: _self_score(rs, judged, p, what="judge filter", fix="judge exactly these prompts"),
+        "judge": lambda rs, p: _self_score(rs, judged(rs) if callable(judged) else judged, p, what="judge filter",
+                                           fix="judge exactly these prompts"),
     }
     reports = []
     for name in FILTER_ORDER:
@@ -168,14 +172,15 @@ def scores_from_labels(manifest_path: str | Path) -> dict[str, float]:
 def run_curate_stage(prompts_path: str | Path, out_dir: str | Path, cfg: CurateConfig, *,
                      heldout: str | Path | Iterable[str] | None = None,
                      scores: Mapping[str, float] | str | Path | None = None,
-                     judged: Mapping[str, float] | None = None) -> CurateManifest:
+                     judged: Mapping[str, float] | Callable[[list[dict[str, Any]]], Mapping[str, float]] | None = None,
+                     ) -> CurateManifest:
     """Curate `prompts_path` into `out_dir` (prompts.parquet, then manifest.json); return the manifest.
 
     `heldout`: the evaluation prompts (a prompts table or texts) for decontamination.
     `scores`: teacher self-scores, as a mapping example_id -> mean log-prob or a soft-label
     manifest of these prompts (`scores_from_labels`).
-    `judged`: example_id -> the teacher's probability of the judge's yes (curate.judge_template; from
-    `tasks.curate.flow_stage.teacher_judgements`).
+    `judged`: example_id -> the teacher's probability of the judge's yes (curate.judge_template), or a function of
+    the rows left for the judge that returns it (`tasks.curate.flow_stage.teacher_judgements`).
     """
     prompts_path, out_dir = Path(prompts_path), Path(out_dir)
     table = read_table(prompts_path)
