@@ -19,6 +19,7 @@ def distribution_scores(student_dir: str, labels_manifest: str, batch_size: int 
     from storage import soft_labels
     from tasks.models import load_causal_lm, load_tokenizer, tokenizer_hash
     from tasks.objectives import SparseLabels, get_objective
+    from tasks.objectives.weighting import example_index
     from tasks.train.batches import make_collate, model_inputs
     from tasks.train.packing import keeps_packed_sequences_apart
 
@@ -36,8 +37,7 @@ def distribution_scores(student_dir: str, labels_manifest: str, batch_size: int 
         logits = model(**model_inputs(batch)).logits[:, :-1].float()
         labels = SparseLabels(ids=batch["ids"], logprobs=batch["logprobs"], tail_logmass=batch["tail_logmass"], target_ids=batch["target_ids"])
         agree = (logits.argmax(-1) == batch["ids"][..., 0]) & batch["mask"]
-        # the example at each position: its row when padded, its segment when packed
-        example = batch["segments"] if "segments" in batch else torch.arange(len(chunk))[:, None].expand_as(batch["mask"])
+        example = example_index(batch["mask"], batch.get("segments"))[0]  # its row when padded, its segment when packed
         for i, rec in enumerate(chunk):
             row_mask = batch["mask"] & (example == i)
             n = int(row_mask.sum())

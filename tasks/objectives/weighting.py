@@ -279,3 +279,7 @@ class TeacherMasked:
         parts[NO_TEACHER_PART] = self._ce.last_parts["ce"]
         self.last_parts = parts
         return loss
+
+
+# The losses with per-example parts: they take a packed batch's ``segments`` (the plain objectives do not need them).
+PER_EXAMPLE_LOSSES = (UncertaintyWeighted, DynamicTeacher, TeacherMasked)

@@ -118,24 +118,21 @@ def student_loss(model, objective, mb: dict[str, torch.Tensor], num_valid_tokens
     With ``fused`` (a FusedHead) no logits are built: the loss is computed from the final hidden states
     and the lm-head weight in vocabulary blocks; same value and gradients."""
     from tasks.objectives import SparseLabels
-    from tasks.objectives.weighting import DynamicTeacher, TeacherMasked, UncertaintyWeighted
+    from tasks.objectives.weighting import PER_EXAMPLE_LOSSES
     from tasks.train.batches import model_inputs
 
     labels = SparseLabels(ids=mb["ids"], logprobs=mb["logprobs"], tail_logmass=mb["tail_logmass"], target_ids=mb["target_ids"])
     if fused is None:
         logits = model(**model_inputs(mb)).logits[:, :-1]
         # per-example losses read a packed batch's examples from its segments (rows of a padded one)
-        per_example = {"segments": mb["segments"]} if "segments" in mb else {}
+        extra = {"segments": mb["segments"]} if "segments" in mb and isinstance(objective, PER_EXAMPLE_LOSSES) else {}
         if "small_ids" in mb:  # train.dynamic_teacher: the small teacher's labels of the same tokens (DynamicTeacher)
             small = SparseLabels(ids=mb["small_ids"], logprobs=mb["small_logprobs"], tail_logmass=mb["small_tail_logmass"],
                                  target_ids=mb["target_ids"])
-            return objective(logits, small, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **per_example)
+            return objective(logits, small, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **extra)
         if "kd_rows" in mb:  # rows without teacher labels: cross-entropy only (TeacherMasked)
-            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, kd_rows=mb["kd_rows"],
-                             **per_example)
-        if isinstance(objective, (UncertaintyWeighted, DynamicTeacher, TeacherMasked)):
-            return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **per_example)
-        return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens)
+            extra["kd_rows"] = mb["kd_rows"]
+        return objective(logits, labels, mb["mask"], num_valid_tokens=num_valid_tokens, **extra)
     out = model(**model_inputs(mb), output_hidden_states=True, logits_to_keep=_NO_LOGITS.to(mb["input_ids"].device))
     core = model.module if hasattr(model, "module") else model  # DDP
     weight = core.get_output_embeddings().weight
